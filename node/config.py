@@ -1,0 +1,163 @@
+"""Node configuration from flags, environment variables and a TOML file.
+
+Precedence, highest first: command-line flags, RAFTMQ_* environment
+variables, the file given with --config, the defaults below. Every setting
+has the same name in all three places (flag --max-message-bytes, variable
+RAFTMQ_MAX_MESSAGE_BYTES, file key max_message_bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    node_id: int
+    # Address this node's gRPC server binds, and the one it tells clients.
+    grpc_bind: str
+    grpc_advertised: str
+    # Host and first port of this node's Raft endpoints: the metadata group
+    # uses raft_port_base, partition groups take ports above it.
+    raft_host: str
+    raft_port_base: int
+    # node id -> "host:port" of each node's metadata Raft endpoint, this one included.
+    peers: dict[int, str]
+    data_dir: str
+    cluster_secret: str = dataclasses.field(repr=False)
+    raft_port_span: int = 1000
+    default_replication_factor: int = 3
+    max_message_bytes: int = 2**20
+    max_request_bytes: int = 4 * 2**20
+    fetch_max_wait_ms: int = 30_000
+    produce_timeout_ms: int = 10_000
+    grpc_workers: int = 32
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        if not self.cluster_secret:
+            raise ValueError(
+                "missing cluster secret: set --cluster-secret, RAFTMQ_CLUSTER_SECRET "
+                "or cluster_secret in the config file; all nodes must use the same one"
+            )
+        if self.node_id not in self.peers:
+            raise ValueError(f"node id {self.node_id} is not in peers {sorted(self.peers)}")
+        expected = f"{self.raft_host}:{self.raft_port_base}"
+        if self.peers[self.node_id] != expected:
+            raise ValueError(
+                f"peers gives node {self.node_id} the Raft address {self.peers[self.node_id]}, "
+                f"but this node binds {expected}; make --raft-address match"
+            )
+        if self.max_message_bytes > self.max_request_bytes:
+            raise ValueError(
+                f"max_message_bytes {self.max_message_bytes} exceeds "
+                f"max_request_bytes {self.max_request_bytes}"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+
+
+_INT_FIELDS = {
+    "node_id", "raft_port_span", "default_replication_factor", "max_message_bytes",
+    "max_request_bytes", "fetch_max_wait_ms", "produce_timeout_ms", "grpc_workers",
+}
+
+
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML file with node settings")
+    parser.add_argument("--node-id", type=int, help="this node's id, 1 or more")
+    parser.add_argument("--grpc-address", help="host:port the gRPC server binds")
+    parser.add_argument("--advertised-address",
+                        help="host:port clients use to reach this node (default: --grpc-address)")
+    parser.add_argument("--raft-address",
+                        help="host:port of this node's metadata Raft endpoint; partition "
+                             "groups use the next raft_port_span - 1 ports")
+    parser.add_argument("--peers",
+                        help="every node's Raft address, e.g. 1=10.0.0.1:20000,2=10.0.0.2:20000")
+    parser.add_argument("--data-dir", help="folder for this node's logs and snapshots")
+    parser.add_argument("--cluster-secret",
+                        help="shared secret that authenticates Raft traffic (prefer the "
+                             "RAFTMQ_CLUSTER_SECRET variable: flags show up in ps)")
+    parser.add_argument("--raft-port-span", type=int)
+    parser.add_argument("--default-replication-factor", type=int)
+    parser.add_argument("--max-message-bytes", type=int, help="largest record accepted, bytes")
+    parser.add_argument("--max-request-bytes", type=int, help="largest produce request, bytes")
+    parser.add_argument("--fetch-max-wait-ms", type=int, help="longest long-poll a fetch may ask for")
+    parser.add_argument("--produce-timeout-ms", type=int,
+                        help="how long a produce waits for its commit before DEADLINE_EXCEEDED")
+    parser.add_argument("--tls-cert-file")
+    parser.add_argument("--tls-key-file")
+    parser.add_argument("--log-level")
+
+
+def parse_peers(text: str) -> dict[int, str]:
+    peers = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        node_id, sep, address = item.partition("=")
+        if not sep or not node_id.strip().isdigit() or ":" not in address:
+            raise ValueError(f"invalid peer {item!r}: expected ID=HOST:PORT, e.g. 1=127.0.0.1:20000")
+        peers[int(node_id)] = address.strip()
+    if not peers:
+        raise ValueError("peers is empty: list every node as ID=HOST:PORT")
+    return peers
+
+
+def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> NodeConfig:
+    environ = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, "rb") as config_file:
+            values.update(tomllib.load(config_file))
+    for key, value in environ.items():
+        if key.startswith("RAFTMQ_"):
+            values[key[len("RAFTMQ_"):].lower()] = value
+    for key, value in vars(args).items():
+        if value is not None and key != "config":
+            values[key] = value
+    return _build(values)
+
+
+def _build(values: dict[str, Any]) -> NodeConfig:
+    def need(key: str) -> Any:
+        if values.get(key) in (None, ""):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"missing setting {key}: pass {flag} or set RAFTMQ_{key.upper()}")
+        return values[key]
+
+    raft_address = str(need("raft_address"))
+    raft_host, _, raft_port = raft_address.rpartition(":")
+    peers = values.get("peers") or need("peers")
+    if isinstance(peers, str):
+        peers = parse_peers(peers)
+    else:
+        peers = {int(k): str(v) for k, v in peers.items()}
+    grpc_bind = str(need("grpc_address"))
+    fields: dict[str, Any] = {
+        "node_id": need("node_id"),
+        "grpc_bind": grpc_bind,
+        "grpc_advertised": str(values.get("advertised_address") or grpc_bind),
+        "raft_host": raft_host,
+        "raft_port_base": int(raft_port),
+        "peers": peers,
+        "data_dir": str(need("data_dir")),
+        "cluster_secret": str(values.get("cluster_secret") or ""),
+    }
+    names = {f.name for f in dataclasses.fields(NodeConfig)}
+    for key, value in values.items():
+        if key in names and key not in fields and value is not None:
+            fields[key] = value
+    for key in _INT_FIELDS:
+        if key in fields:
+            try:
+                fields[key] = int(fields[key])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"invalid {key} {fields[key]!r}: expected an integer") from exc
+    config = NodeConfig(**fields)
+    config.validate()
+    return config

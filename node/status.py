@@ -1,0 +1,63 @@
+"""Turn failures into gRPC statuses that carry a stable reason.
+
+Every error leaves the node as a standard status code plus a
+google.rpc.ErrorInfo detail (domain "raftmq", a reason from
+raftmq.client.errors.REASONS, and string metadata such as the offending
+value or the leader's address).
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ..client.errors import ERROR_DOMAIN, REASONS
+
+# Default status code of each reason; a call site may pick another.
+REASON_CODES: dict[str, grpc.StatusCode] = {
+    "NOT_LEADER": grpc.StatusCode.UNAVAILABLE,
+    "LEADER_NOT_AVAILABLE": grpc.StatusCode.UNAVAILABLE,
+    "NOT_ENOUGH_REPLICAS": grpc.StatusCode.UNAVAILABLE,
+    "COMMIT_TIMEOUT": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "UNKNOWN_TOPIC": grpc.StatusCode.NOT_FOUND,
+    "UNKNOWN_PARTITION": grpc.StatusCode.NOT_FOUND,
+    "INVALID_TOPIC_NAME": grpc.StatusCode.INVALID_ARGUMENT,
+    "TOPIC_ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+    "INVALID_PARTITION_COUNT": grpc.StatusCode.INVALID_ARGUMENT,
+    "INVALID_REPLICATION_FACTOR": grpc.StatusCode.INVALID_ARGUMENT,
+    "NOT_ENOUGH_NODES": grpc.StatusCode.FAILED_PRECONDITION,
+    "INVALID_OFFSET": grpc.StatusCode.INVALID_ARGUMENT,
+    "OFFSET_OUT_OF_RANGE": grpc.StatusCode.OUT_OF_RANGE,
+    "RECORD_TOO_LARGE": grpc.StatusCode.INVALID_ARGUMENT,
+    "REQUEST_TOO_LARGE": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "INVALID_REQUEST": grpc.StatusCode.INVALID_ARGUMENT,
+    "OUT_OF_ORDER_SEQUENCE": grpc.StatusCode.FAILED_PRECONDITION,
+    "INTERNAL_ERROR": grpc.StatusCode.INTERNAL,
+}
+assert set(REASON_CODES) <= set(REASONS), set(REASON_CODES) - set(REASONS)
+
+
+class ServiceError(Exception):
+    """An operating condition to report to the caller as a status."""
+
+    def __init__(self, reason: str, message: str, code: grpc.StatusCode | None = None,
+                 **metadata: object):
+        super().__init__(message)
+        assert reason in REASONS, reason
+        self.reason = reason
+        self.message = message
+        self.code = code or REASON_CODES[reason]
+        self.metadata = {key: str(value) for key, value in metadata.items()}
+
+    def to_status(self) -> grpc.Status:
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+        )
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status = status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=self.message, details=[detail]
+        )
+        return rpc_status.to_status(status)
