@@ -16,3 +16,12 @@ def cluster(tmp_path):
         local.start_all()
         local.wait_healthy(timeout_s=60)
         yield local
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """One healthy three-node cluster shared by the tests of a module."""
+    with LocalCluster(tmp_path_factory.mktemp("cluster")) as local:
+        local.start_all()
+        local.wait_healthy(timeout_s=60)
+        yield local
