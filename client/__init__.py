@@ -1,0 +1,30 @@
+"""The raftmq Python SDK: a producer, a consumer and an admin client."""
+
+from .admin import (
+    Admin,
+    ClusterDescription,
+    NodeDescription,
+    PartitionDescription,
+    TopicDescription,
+)
+from .consumer import Consumer
+from .errors import BufferFullError, NotLeaderError, ProducerClosedError, RaftMQError
+from .producer import Producer
+from .types import ConsumerRecord, RecordMetadata, TopicPartition
+
+__all__ = [
+    "Admin",
+    "BufferFullError",
+    "ClusterDescription",
+    "Consumer",
+    "ConsumerRecord",
+    "NodeDescription",
+    "NotLeaderError",
+    "PartitionDescription",
+    "Producer",
+    "ProducerClosedError",
+    "RaftMQError",
+    "RecordMetadata",
+    "TopicDescription",
+    "TopicPartition",
+]

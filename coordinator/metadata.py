@@ -25,7 +25,7 @@ from ..raft.store import ApplyError, LmdbStore, RaftIndex
 NodeId = NewType("NodeId", int)
 PartitionId = NewType("PartitionId", int)
 
-TOPIC_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+TOPIC_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,249}")
 MAX_PARTITIONS_PER_TOPIC = 1024
 
 
@@ -74,7 +74,7 @@ class MetadataView:
 
 def validate_topic_name(name: str) -> str | None:
     """Return why `name` is not a valid topic name, or None when it is."""
-    if not TOPIC_NAME_PATTERN.match(name):
+    if not TOPIC_NAME_PATTERN.fullmatch(name):
         return (
             f"invalid topic name {name!r}: use 1 to 249 characters from "
             "A-Z, a-z, 0-9, '.', '_' and '-'"
@@ -173,8 +173,10 @@ class MetadataStore(LmdbStore):
                 partitions=partitions,
             )
         node_ids = sorted(view.nodes)
+        if not node_ids:
+            raise ApplyError("NOT_ENOUGH_NODES", "no node has registered yet; retry shortly")
         replication_factor = doc["replication_factor"]
-        if not 1 <= replication_factor <= max(len(node_ids), 1):
+        if not 1 <= replication_factor <= len(node_ids):
             raise ApplyError(
                 "INVALID_REPLICATION_FACTOR",
                 f"invalid replication factor {replication_factor}: the cluster has "
@@ -217,6 +219,8 @@ class MetadataStore(LmdbStore):
     def _report_leader(self, txn: lmdb.Transaction, doc: dict) -> bool:
         topic = self.view.topics.get(doc["topic"])
         if topic is None or topic.topic_id != doc["topic_id"]:
+            return False
+        if not 0 <= doc["partition"] < len(topic.partitions):
             return False
         key = f"{doc['topic']}/{doc['partition']}".encode()
         current = self.view.leaders.get((doc["topic"], doc["partition"]))

@@ -132,6 +132,9 @@ def _build(values: dict[str, Any]) -> NodeConfig:
 
     raft_address = str(need("raft_address"))
     raft_host, _, raft_port = raft_address.rpartition(":")
+    if not raft_host or not raft_port.isdigit():
+        raise ValueError(
+            f"invalid raft_address {raft_address!r}: expected HOST:PORT, e.g. 127.0.0.1:20000")
     peers = values.get("peers") or need("peers")
     if isinstance(peers, str):
         peers = parse_peers(peers)

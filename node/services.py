@@ -256,8 +256,13 @@ class ProducerServicer(_Base, raftmq_pb2_grpc.ProducerServiceServicer):
             append_time_ms=time.time_ns() // 1_000_000,
         ))
         result = self.submit(hosted, topic, partition, command, remaining_s(context, timeout_cap_s))
-        acks = [raftmq_pb2.RecordAck(partition=partition, offset=result.base_offset + i)
-                for i in range(result.record_count)]
+        acks = [
+            raftmq_pb2.RecordAck(
+                partition=partition, offset=result.base_offset + i,
+                timestamp_ms=record.timestamp_ms or result.append_time_ms,
+            )
+            for i, record in enumerate(request.records)
+        ]
         return acks, result.duplicate
 
     def submit(self, hosted, topic, partition, command: bytes, timeout_s: float) -> AppendResult:
@@ -333,6 +338,29 @@ class ConsumerServicer(_Base, raftmq_pb2_grpc.ConsumerServiceServicer):
             topic=topic.name, partition=request.partition, records=records,
             high_watermark=result.high_watermark, log_start_offset=result.log_start_offset,
         )
+
+
+    @handle
+    def ListOffsets(self, request, context) -> raftmq_pb2.ListOffsetsResponse:
+        topic = self.topic(request.topic)
+        partitions = list(request.partitions) or list(range(len(topic.partitions)))
+        for partition in partitions:
+            self.check_partition(topic, partition)
+        answers = []
+        for partition in partitions:
+            hosted = self.local_leader(topic, partition)
+            if hosted is not None:
+                answers.append(raftmq_pb2.PartitionOffsets(
+                    partition=partition, log_start_offset=hosted.store.log_start_offset,
+                    high_watermark=hosted.store.high_watermark,
+                ))
+                continue
+            address = self.leader_address_to_forward(topic, partition, context)
+            stub = raftmq_pb2_grpc.ConsumerServiceStub(self.channel(address))
+            reply = self.forward(stub.ListOffsets, raftmq_pb2.ListOffsetsRequest(
+                topic=topic.name, partitions=[partition]), context, 10.0)
+            answers.extend(reply.partitions)
+        return raftmq_pb2.ListOffsetsResponse(topic=topic.name, partitions=answers)
 
 
 class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
@@ -447,6 +475,7 @@ class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
             partitions.append(info)
         return raftmq_pb2.TopicInfo(
             name=topic.name, partitions=partitions, replication_factor=topic.replication_factor,
-            config=raftmq_pb2.TopicConfig(max_message_bytes=topic.max_message_bytes),
+            config=raftmq_pb2.TopicConfig(
+                max_message_bytes=topic.max_message_bytes or self.node.config.max_message_bytes),
             topic_id=topic.topic_id,
         )

@@ -34,6 +34,8 @@ _STATE_KEY = b"log_state"
 class AppendResult:
     base_offset: Offset
     record_count: int
+    # Leader-stamped time of the append, given to records sent with timestamp 0.
+    append_time_ms: int
     duplicate: bool = False
 
 
@@ -88,7 +90,8 @@ class PartitionStore(LmdbStore):
             if raw is not None:
                 last = json.loads(raw)
                 if command.sequence == last["sequence"]:
-                    return AppendResult(Offset(last["base_offset"]), last["record_count"], True)
+                    return AppendResult(Offset(last["base_offset"]), last["record_count"],
+                                        last["append_time_ms"], duplicate=True)
                 if command.sequence < last["sequence"]:
                     raise ApplyError(
                         "OUT_OF_ORDER_SEQUENCE",
@@ -111,12 +114,13 @@ class PartitionStore(LmdbStore):
                 "sequence": command.sequence,
                 "base_offset": base_offset,
                 "record_count": len(command.encoded_records),
+                "append_time_ms": command.append_time_ms,
             }).encode(), db=producers)
         txn.put(_STATE_KEY, json.dumps({
             "next_offset": offset, "log_start_offset": self._log_start_offset,
         }).encode(), db=self._meta)
         self._staged_next_offset = Offset(offset)
-        return AppendResult(base_offset, len(command.encoded_records))
+        return AppendResult(base_offset, len(command.encoded_records), command.append_time_ms)
 
     def fetch(self, offset: Offset, max_records: int, max_bytes: int) -> FetchResult:
         """Return encoded records from `offset`: at most max_records, and at

@@ -113,6 +113,11 @@ class ConsumerServiceStub:
                 request_serializer=raftmq_dot_v1_dot_raftmq__pb2.FetchRequest.SerializeToString,
                 response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.FetchResponse.FromString,
                 _registered_method=True)
+        self.ListOffsets = channel.unary_unary(
+                '/raftmq.v1.ConsumerService/ListOffsets',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.ListOffsetsRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ListOffsetsResponse.FromString,
+                _registered_method=True)
 
 
 class ConsumerServiceServicer:
@@ -125,6 +130,13 @@ class ConsumerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOffsets(self, request, context):
+        """Returns the first and next offsets of partitions, read on each leader.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConsumerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +144,11 @@ def add_ConsumerServiceServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.FetchRequest.FromString,
                     response_serializer=raftmq_dot_v1_dot_raftmq__pb2.FetchResponse.SerializeToString,
+            ),
+            'ListOffsets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOffsets,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ListOffsetsRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.ListOffsetsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -161,6 +178,33 @@ class ConsumerService:
             '/raftmq.v1.ConsumerService/Fetch',
             raftmq_dot_v1_dot_raftmq__pb2.FetchRequest.SerializeToString,
             raftmq_dot_v1_dot_raftmq__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOffsets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.ConsumerService/ListOffsets',
+            raftmq_dot_v1_dot_raftmq__pb2.ListOffsetsRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.ListOffsetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

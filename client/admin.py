@@ -1,0 +1,229 @@
+"""Topic and cluster administration over AdminService.
+
+Any node serves admin calls: a node that is not the controller forwards
+them. A call therefore goes to the first node that accepts a connection,
+and moves on to the next address only when a node is unreachable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from raftmq.v1 import raftmq_pb2, raftmq_pb2_grpc
+
+from ._channel import ChannelPool, MetadataCache, check_positive_int, parse_bootstrap_servers
+from .errors import NotLeaderError, RaftMQError, from_rpc_error
+
+__all__ = [
+    "Admin",
+    "ClusterDescription",
+    "NodeDescription",
+    "PartitionDescription",
+    "TopicDescription",
+]
+
+# Admin responses are small, but DescribeCluster grows with the topic count.
+_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# A node that returns UNAVAILABLE did not run the call, so the next node may.
+# DEADLINE_EXCEEDED is not retried: the call may have run, and a second
+# CreateTopic would then fail with TOPIC_ALREADY_EXISTS.
+_TRY_NEXT_NODE_CODES = (grpc.StatusCode.UNAVAILABLE,)
+
+ResponseT = TypeVar("ResponseT")
+
+
+@dataclass(frozen=True)
+class PartitionDescription:
+    partition: int
+    # Node id of the leader, 0 when no leader is known.
+    leader: int
+    replicas: tuple[int, ...]
+    in_sync_replicas: tuple[int, ...]
+    high_watermark: int
+    raft_term: int
+
+
+@dataclass(frozen=True)
+class TopicDescription:
+    name: str
+    partitions: tuple[PartitionDescription, ...]
+    replication_factor: int
+    # 0 means the node default.
+    max_message_bytes: int
+    topic_id: int
+
+
+@dataclass(frozen=True)
+class NodeDescription:
+    node_id: int
+    address: str
+    raft_address: str
+    alive: bool
+
+
+@dataclass(frozen=True)
+class ClusterDescription:
+    nodes: tuple[NodeDescription, ...]
+    # Node id of the controller (the metadata group's leader), 0 when unknown.
+    controller: int
+    topics: tuple[TopicDescription, ...]
+    # Node that served the DescribeCluster call.
+    node_id: int
+
+
+class Admin:
+    """Create, list, describe and delete topics, and describe the cluster."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str],
+        *,
+        request_timeout_ms: int = 30000,
+        ssl_cafile: str | None = None,
+    ) -> None:
+        self._bootstrap_addresses = parse_bootstrap_servers(bootstrap_servers)
+        self._request_timeout_s = (
+            check_positive_int("request_timeout_ms", request_timeout_ms) / 1000.0
+        )
+        self._channels = ChannelPool(
+            ssl_cafile=ssl_cafile,
+            max_send_message_bytes=_MAX_MESSAGE_BYTES,
+            max_receive_message_bytes=_MAX_MESSAGE_BYTES,
+        )
+        # Only to learn node addresses beyond the bootstrap list.
+        self._metadata = MetadataCache(
+            self._channels, self._bootstrap_addresses, request_timeout_ms=request_timeout_ms
+        )
+
+    def create_topic(
+        self,
+        name: str,
+        partitions: int,
+        replication_factor: int = 0,
+        max_message_bytes: int = 0,
+    ) -> TopicDescription:
+        """Create a topic and return it as the controller stored it.
+
+        replication_factor 0 picks the cluster default, and max_message_bytes
+        0 the node default.
+        """
+        _check_topic_name(name)
+        check_positive_int("partitions", partitions)
+        check_positive_int("replication_factor", replication_factor, allow_zero=True)
+        check_positive_int("max_message_bytes", max_message_bytes, allow_zero=True)
+        request = raftmq_pb2.CreateTopicRequest(
+            name=name,
+            partitions=partitions,
+            replication_factor=replication_factor,
+            config=raftmq_pb2.TopicConfig(max_message_bytes=max_message_bytes),
+        )
+        response = self._call(lambda stub: stub.CreateTopic, request)
+        return _topic_description(response.topic)
+
+    def list_topics(self) -> list[str]:
+        response = self._call(lambda stub: stub.ListTopics, raftmq_pb2.ListTopicsRequest())
+        return sorted(response.names)
+
+    def describe_topic(self, name: str) -> TopicDescription:
+        _check_topic_name(name)
+        request = raftmq_pb2.DescribeTopicRequest(name=name)
+        response = self._call(lambda stub: stub.DescribeTopic, request)
+        return _topic_description(response.topic)
+
+    def delete_topic(self, name: str) -> None:
+        _check_topic_name(name)
+        self._call(lambda stub: stub.DeleteTopic, raftmq_pb2.DeleteTopicRequest(name=name))
+
+    def describe_cluster(self) -> ClusterDescription:
+        response = self._call(
+            lambda stub: stub.DescribeCluster, raftmq_pb2.DescribeClusterRequest()
+        )
+        return ClusterDescription(
+            nodes=tuple(
+                NodeDescription(node.node_id, node.address, node.raft_address, node.alive)
+                for node in response.nodes
+            ),
+            controller=response.controller,
+            topics=tuple(_topic_description(topic) for topic in response.topics),
+            node_id=response.node_id,
+        )
+
+    def close(self) -> None:
+        self._channels.close()
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _call(
+        self,
+        method_of: Callable[[raftmq_pb2_grpc.AdminServiceStub], Callable[..., ResponseT]],
+        request: object,
+    ) -> ResponseT:
+        """Send `request` to each known node in turn until one is reachable."""
+        addresses = self._metadata.candidate_addresses()
+        last_error: RaftMQError | None = None
+        index = 0
+        # Leader hints may point back at nodes already tried, so they are capped.
+        hints_left = len(addresses)
+        while index < len(addresses):
+            address = addresses[index]
+            index += 1
+            stub = raftmq_pb2_grpc.AdminServiceStub(self._channels.get(address))
+            try:
+                return method_of(stub)(request, timeout=self._request_timeout_s)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+            if isinstance(error, NotLeaderError):
+                # A node that does not forward names the controller instead.
+                hint = error.leader_address
+                if hint and hints_left and hint not in addresses[index:]:
+                    addresses.insert(index, hint)
+                    hints_left -= 1
+                last_error = error
+                continue
+            if error.code not in _TRY_NEXT_NODE_CODES:
+                raise error
+            last_error = error
+        assert last_error is not None, "the bootstrap list is never empty"
+        raise type(last_error)(
+            f"no node completed the admin call (tried {', '.join(addresses)}): "
+            f"{last_error.message}",
+            last_error.reason,
+            last_error.code,
+            last_error.metadata,
+        )
+
+
+def _check_topic_name(name: object) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"topic name must be a str, got {type(name).__name__} {name!r}")
+    if not name:
+        raise ValueError("topic name must be a non-empty str, got ''")
+
+
+def _topic_description(topic: raftmq_pb2.TopicInfo) -> TopicDescription:
+    return TopicDescription(
+        name=topic.name,
+        partitions=tuple(
+            PartitionDescription(
+                partition=p.partition,
+                leader=p.leader,
+                replicas=tuple(p.replicas),
+                in_sync_replicas=tuple(p.in_sync_replicas),
+                high_watermark=p.high_watermark,
+                raft_term=p.raft_term,
+            )
+            for p in sorted(topic.partitions, key=lambda p: p.partition)
+        ),
+        replication_factor=topic.replication_factor,
+        max_message_bytes=topic.config.max_message_bytes,
+        topic_id=topic.topic_id,
+    )
