@@ -28,6 +28,7 @@ REASONS: dict[str, bool] = {
     "INVALID_PARTITION_COUNT": False,
     "INVALID_REPLICATION_FACTOR": False,
     "NOT_ENOUGH_NODES": True,
+    "RAFT_PORTS_EXHAUSTED": False,
     "INVALID_OFFSET": False,
     "OFFSET_OUT_OF_RANGE": False,
     "RECORD_TOO_LARGE": False,

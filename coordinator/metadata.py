@@ -248,7 +248,7 @@ def _take_free_port(node: NodeRecord, used: dict[NodeId, set[int]]) -> int:
             taken.add(port)
             return port
     raise ApplyError(
-        "INVALID_PARTITION_COUNT",
+        "RAFT_PORTS_EXHAUSTED",
         f"node {node.node_id} has no free Raft port left in "
         f"{node.raft_port_base + 1}..{node.raft_port_base + node.raft_port_span - 1}; "
         "delete topics or raise raft_port_span",

@@ -113,6 +113,8 @@ def cluster_up(args: argparse.Namespace) -> int:
         print(f"error: the cluster did not become healthy within {args.startup_timeout_s}s; "
               f"see the node logs under {data_dir}", file=sys.stderr, flush=True)
     exit_code = 0 if healthy else 1
+    if healthy and args.demo:
+        run_demo(bootstrap)
     while healthy and not stop:
         for node_id, process in processes.items():
             if process.poll() is not None:
@@ -135,6 +137,46 @@ def cluster_up(args: argparse.Namespace) -> int:
         logs[node_id].close()
     print("raftmq cluster stopped", flush=True)
     return exit_code
+
+
+def run_demo(bootstrap: str) -> None:
+    """Create a topic, produce ten keyed records and read them back."""
+    from ..client import Admin, Consumer, Producer, RaftMQError, TopicPartition
+
+    topic = "quickstart"
+    with Admin(bootstrap) as admin:
+        try:
+            admin.create_topic(topic, partitions=3, replication_factor=3)
+            print(f"demo: created topic {topic} (3 partitions, replication factor 3)", flush=True)
+        except RaftMQError as exc:
+            if exc.reason != "TOPIC_ALREADY_EXISTS":
+                raise
+    with Producer(bootstrap) as producer:
+        futures = [producer.send(topic, f"hello {i}".encode(), key=f"user-{i % 4}".encode())
+                   for i in range(10)]
+        producer.flush()
+    for future in futures:
+        metadata = future.result()
+        print(f"demo: produced to partition {metadata.partition} offset {metadata.offset}",
+              flush=True)
+    with Consumer(bootstrap) as consumer:
+        partitions = [TopicPartition(topic, p) for p in range(3)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        end = consumer.end_offsets(partitions)
+        read = 0
+        deadline = time.monotonic() + 30
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                print("error: demo: consuming timed out after 30 s", file=sys.stderr, flush=True)
+                return
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                for record in records:
+                    read += 1
+                    print(f"demo: consumed partition {tp.partition} offset {record.offset} "
+                          f"key {record.key.decode()} value {record.value.decode()}", flush=True)
+    print(f"demo: read {read} records back; try `raftmq consume {topic} --from-beginning`",
+          flush=True)
 
 
 def wait_healthy(addresses: list[str], timeout_s: float, stop: list) -> bool:
@@ -174,6 +216,8 @@ def register_server_commands(subparsers: dict) -> None:
     up.add_argument("--raft-port-base", type=int, default=LOCAL_RAFT_PORT_BASE,
                     help=f"Raft port of node 1; node N uses base + (N - 1) * {LOCAL_RAFT_PORT_SPAN}")
     up.add_argument("--startup-timeout-s", type=float, default=60.0)
+    up.add_argument("--demo", action="store_true",
+                    help="once healthy, produce ten records to topic quickstart and read them back")
     up.set_defaults(func=cluster_up)
 
 

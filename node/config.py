@@ -100,7 +100,8 @@ def parse_peers(text: str) -> dict[int, str]:
     peers = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         node_id, sep, address = item.partition("=")
-        if not sep or not node_id.strip().isdigit() or ":" not in address:
+        node_id = node_id.strip()
+        if not sep or not (node_id.isascii() and node_id.isdigit()) or ":" not in address:
             raise ValueError(f"invalid peer {item!r}: expected ID=HOST:PORT, e.g. 1=127.0.0.1:20000")
         peers[int(node_id)] = address.strip()
     if not peers:
@@ -157,6 +158,8 @@ def _build(values: dict[str, Any]) -> NodeConfig:
             fields[key] = value
     for key in _INT_FIELDS:
         if key in fields:
+            if isinstance(fields[key], (bool, float)):
+                raise ValueError(f"invalid {key} {fields[key]!r}: expected an integer")
             try:
                 fields[key] = int(fields[key])
             except (TypeError, ValueError) as exc:

@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 RECONCILE_INTERVAL_S = 0.2
 METADATA_COMMAND_TIMEOUT_S = 5.0
 REPORT_RETRY_INTERVAL_S = 1.0
+# A leader hands its partition back to the preferred replica (the first in
+# the placement) at most this often, and only after leading this long, so
+# leaders spread over the nodes again after a failover without flapping.
+PREFERRED_LEADER_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -47,7 +51,10 @@ class HostedPartition:
     data_dir: str
     # Raft address of each replica's group member -> node id.
     node_by_raft_address: dict[str, NodeId]
+    preferred_leader: NodeId
     last_report_s: float = 0.0
+    leading_since_s: float | None = None
+    last_transfer_s: float = 0.0
 
     def leader_node(self) -> NodeId | None:
         address = self.group.leader_address()
@@ -219,6 +226,7 @@ class Node:
         self._maybe_register(view)
         self._sync_partitions(view)
         self._maybe_report_leaders(view)
+        self._maybe_restore_preferred_leaders()
         serving = (self.node_id in view.nodes and self.controller_node() is not None)
         self._health.set(
             "", health_pb2.HealthCheckResponse.SERVING if serving
@@ -284,6 +292,7 @@ class Node:
         hosted = HostedPartition(
             topic.name, partition, topic.topic_id, store, group, data_dir,
             {address: node_id for node_id, address in addresses.items()},
+            placement.replicas[0],
         )
         with self._partitions_lock:
             self._partitions[(topic.name, partition)] = hosted
@@ -324,3 +333,26 @@ class Node:
             except Exception as exc:
                 logger.warning("node=%d topic=%s partition=%d event=leader_report_retry error=%r",
                                self.node_id, partition.topic, partition.partition, exc)
+
+    def _maybe_restore_preferred_leaders(self) -> None:
+        now = time.monotonic()
+        with self._partitions_lock:
+            hosted = list(self._partitions.values())
+        for partition in hosted:
+            group = partition.group
+            if not group.has_quorum():
+                partition.leading_since_s = None
+                continue
+            if partition.leading_since_s is None:
+                partition.leading_since_s = now
+            if partition.preferred_leader == self.node_id:
+                continue
+            if (now - partition.leading_since_s < PREFERRED_LEADER_INTERVAL_S
+                    or now - partition.last_transfer_s < PREFERRED_LEADER_INTERVAL_S):
+                continue
+            target = next((address for address, node_id in partition.node_by_raft_address.items()
+                           if node_id == partition.preferred_leader), None)
+            if target is None or target not in group.connected_partners():
+                continue
+            partition.last_transfer_s = now
+            group.transfer_leadership_to(target)

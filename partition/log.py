@@ -77,10 +77,14 @@ class PartitionStore(LmdbStore):
         return self._log_start_offset
 
     def _apply(self, txn: lmdb.Transaction, index: RaftIndex, command: bytes):
-        kind = codec.command_kind(command)
-        if kind != codec.COMMAND_APPEND:
-            raise ApplyError("INVALID_REQUEST", f"unknown partition command kind {kind}")
-        return self._apply_append(txn, codec.decode_append(command))
+        try:
+            kind = codec.command_kind(command)
+            if kind != codec.COMMAND_APPEND:
+                raise ApplyError("INVALID_REQUEST", f"unknown partition command kind {kind}")
+            append = codec.decode_append(command)
+        except codec.CodecError as exc:
+            raise ApplyError("INVALID_REQUEST", f"undecodable partition command: {exc}") from exc
+        return self._apply_append(txn, append)
 
     def _apply_append(self, txn: lmdb.Transaction, command: codec.AppendCommand) -> AppendResult:
         producers = self.dbs[b"producers"]

@@ -213,6 +213,19 @@ class ReplicatedGroup(SyncObj):
         members = len(self.otherNodes) + 1
         return len(self.connected_partners()) + 1 > members // 2
 
+    def transfer_leadership_to(self, address: str) -> None:
+        """Ask the member at `address` to take over; pysyncobj denies it
+        unless that member has every entry of the leader's log."""
+
+        def on_result(_result: Any, error: int) -> None:
+            if error != FAIL_REASON.SUCCESS:
+                logger.info("%s event=leadership_transfer_denied target=%s reason=%s",
+                            self.group_name, address, _FAIL_NAMES.get(error, error))
+
+        logger.info("%s term=%d event=leadership_transfer target=%s",
+                    self.group_name, self._getTerm(), address)
+        self.transferLeadership(address, callback=on_result)
+
     def term(self) -> int:
         return self._getTerm()
 
