@@ -36,6 +36,15 @@ class NodeConfig:
     fetch_max_wait_ms: int = 30_000
     produce_timeout_ms: int = 10_000
     grpc_workers: int = 32
+    # Raft log compaction: snapshot after this many journal entries, or
+    # after this long since the previous snapshot.
+    raft_log_compaction_min_entries: int = 20000
+    raft_log_compaction_min_interval_ms: int = 300_000
+    # When the Raft journal and the LMDB state reach the disk: "always"
+    # (fsync before every acknowledgement), "interval" (every
+    # fsync_interval_ms) or "never" (left to the OS page cache).
+    fsync_policy: str = "interval"
+    fsync_interval_ms: int = 200
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     log_level: str = "INFO"
@@ -59,6 +68,15 @@ class NodeConfig:
                 f"max_message_bytes {self.max_message_bytes} exceeds "
                 f"max_request_bytes {self.max_request_bytes}"
             )
+        if self.fsync_policy not in ("always", "interval", "never"):
+            raise ValueError(
+                f"invalid fsync_policy {self.fsync_policy!r}: use always, interval or never")
+        if self.fsync_interval_ms < 1:
+            raise ValueError(f"invalid fsync_interval_ms {self.fsync_interval_ms}: must be >= 1")
+        if self.raft_log_compaction_min_entries < 2:
+            raise ValueError(
+                f"invalid raft_log_compaction_min_entries {self.raft_log_compaction_min_entries}: "
+                "must be >= 2")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
 
@@ -66,6 +84,7 @@ class NodeConfig:
 _INT_FIELDS = {
     "node_id", "raft_port_span", "default_replication_factor", "max_message_bytes",
     "max_request_bytes", "fetch_max_wait_ms", "produce_timeout_ms", "grpc_workers",
+    "raft_log_compaction_min_entries", "raft_log_compaction_min_interval_ms", "fsync_interval_ms",
 }
 
 
@@ -91,6 +110,14 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fetch-max-wait-ms", type=int, help="longest long-poll a fetch may ask for")
     parser.add_argument("--produce-timeout-ms", type=int,
                         help="how long a produce waits for its commit before DEADLINE_EXCEEDED")
+    parser.add_argument("--raft-log-compaction-min-entries", type=int,
+                        help="snapshot a Raft group after this many journal entries")
+    parser.add_argument("--raft-log-compaction-min-interval-ms", type=int,
+                        help="snapshot a Raft group at least this often, in ms")
+    parser.add_argument("--fsync-policy", choices=("always", "interval", "never"),
+                        help="when the journal and state are fsynced (default interval)")
+    parser.add_argument("--fsync-interval-ms", type=int,
+                        help="fsync period for --fsync-policy interval, in ms")
     parser.add_argument("--tls-cert-file")
     parser.add_argument("--tls-key-file")
     parser.add_argument("--log-level")

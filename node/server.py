@@ -69,6 +69,10 @@ class Node:
         self.settings = RaftSettings(
             cluster_secret=config.cluster_secret,
             max_command_bytes=config.max_request_bytes + 2**16,
+            log_compaction_min_entries=config.raft_log_compaction_min_entries,
+            log_compaction_min_interval_ms=config.raft_log_compaction_min_interval_ms,
+            fsync_policy=config.fsync_policy,
+            fsync_interval_ms=config.fsync_interval_ms,
         )
         self._partitions: dict[tuple[str, int], HostedPartition] = {}
         self._partitions_lock = threading.Lock()
@@ -195,6 +199,10 @@ class Node:
     def hosted(self, topic: str, partition: int) -> HostedPartition | None:
         with self._partitions_lock:
             return self._partitions.get((topic, partition))
+
+    def hosted_partitions(self) -> list[HostedPartition]:
+        with self._partitions_lock:
+            return list(self._partitions.values())
 
     def partition_leader(self, topic: TopicRecord, partition: int) -> NodeId | None:
         """Best known leader: the local group's view if hosted, else the last report."""

@@ -454,6 +454,22 @@ class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
             node_id=self.node.node_id,
         )
 
+    @handle
+    def DescribeReplicas(self, request, context):
+        replicas = []
+        for hosted in self.node.hosted_partitions():
+            group = hosted.group
+            info = raftmq_pb2.ReplicaInfo(
+                topic=hosted.topic, partition=hosted.partition, role=group.role(),
+                raft_term=group.term(), applied_index=hosted.store.applied_index,
+                high_watermark=hosted.store.high_watermark,
+            )
+            if request.include_digest:
+                info.log_digest = hosted.store.digest()
+            replicas.append(info)
+        replicas.sort(key=lambda r: (r.topic, r.partition))
+        return raftmq_pb2.DescribeReplicasResponse(node_id=self.node.node_id, replicas=replicas)
+
     def topic_info(self, topic: TopicRecord) -> raftmq_pb2.TopicInfo:
         partitions = []
         for placement in topic.partitions:

@@ -56,6 +56,8 @@ class RaftSettings:
     # log_compaction_min_interval_ms after the previous one).
     log_compaction_min_entries: int = 20000
     log_compaction_min_interval_ms: int = 300_000
+    fsync_policy: str = "interval"
+    fsync_interval_ms: int = 200
     max_command_bytes: int = 2 * 2**20
     socket_buffer_bytes: int = 4 * 2**20
 
@@ -225,6 +227,9 @@ class ReplicatedGroup(SyncObj):
         logger.info("%s term=%d event=leadership_transfer target=%s",
                     self.group_name, self._getTerm(), address)
         self.transferLeadership(address, callback=on_result)
+
+    def role(self) -> str:
+        return _STATE_NAMES.get(self._SyncObj__raftState, "unknown")
 
     def term(self) -> int:
         return self._getTerm()

@@ -250,6 +250,11 @@ class AdminServiceStub:
                 request_serializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeClusterRequest.SerializeToString,
                 response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeClusterResponse.FromString,
                 _registered_method=True)
+        self.DescribeReplicas = channel.unary_unary(
+                '/raftmq.v1.AdminService/DescribeReplicas',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeReplicasRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeReplicasResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -285,6 +290,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeReplicas(self, request, context):
+        """Describes the partition replicas hosted by the node called; never
+        forwarded, so a caller can compare replicas node by node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -312,6 +325,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DescribeCluster,
                     request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeClusterRequest.FromString,
                     response_serializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeClusterResponse.SerializeToString,
+            ),
+            'DescribeReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeReplicas,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeReplicasRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +467,33 @@ class AdminService:
             '/raftmq.v1.AdminService/DescribeCluster',
             raftmq_dot_v1_dot_raftmq__pb2.DescribeClusterRequest.SerializeToString,
             raftmq_dot_v1_dot_raftmq__pb2.DescribeClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.AdminService/DescribeReplicas',
+            raftmq_dot_v1_dot_raftmq__pb2.DescribeReplicasRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.DescribeReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,
