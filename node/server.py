@@ -94,7 +94,8 @@ class Node:
         )
         os.makedirs(config.data_dir, exist_ok=True)
         metadata_dir = os.path.join(config.data_dir, "metadata")
-        self.metadata_store = MetadataStore(os.path.join(metadata_dir, "state"))
+        self.metadata_store = MetadataStore(os.path.join(metadata_dir, "state"),
+                                            sync=config.fsync_policy == "always")
         partners = [address for node_id, address in sorted(config.peers.items())
                     if node_id != self.node_id]
         self.metadata_group = ReplicatedGroup(
@@ -290,7 +291,8 @@ class Node:
             node = view.nodes[node_id]
             addresses[node_id] = f"{node.raft_host}:{placement.raft_ports[node_id]}"
         data_dir = self._partition_dir(topic, partition)
-        store = PartitionStore(os.path.join(data_dir, "state"))
+        store = PartitionStore(os.path.join(data_dir, "state"),
+                               sync=self.config.fsync_policy == "always")
         group = ReplicatedGroup(
             f"node={self.node_id} topic={topic.name} partition={partition}",
             addresses[self.node_id],

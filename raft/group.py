@@ -1,20 +1,29 @@
 """A hardened pysyncobj group that replicates opaque commands into an LmdbStore.
 
-This module is the only place that talks to pysyncobj. It neutralizes the
-0.3.17 defects that bite at the level of one group:
+This module and raft.fixes are the only places that talk to pysyncobj. The
+0.3.17 defects they neutralize (the ids are those of the measurements in
+this project's pysyncobj notes):
 
 - security: a group never starts without a cluster secret (every frame is
   then authenticated before it is unpickled) and binds only to its own
   configured address;
-- B1: appendEntriesBatchSizeBytes is kept above the largest command the node
+- B0: snapshots are LMDB copies written in the background without forking,
+  fsynced and renamed (raft.snapshot); the dump loader keeps journal
+  entries above the snapshot instead of clearing the journal; the journal is
+  LMDB, so compaction is one atomic transaction (raft.journal);
+- B1: appendEntriesBatchSizeBytes stays above the largest command the node
   accepts, so no command takes the broken chunked path;
-- B4: 4 MiB socket buffers, so heartbeats do not queue behind a large entry;
+- B2: each follower gets its own time budget per send round;
+- B3: a follower truncates its log only where an entry conflicts with the
+  leader's (same index, other term), as the Raft paper's AppendEntries rule
+  says, never because an append starts below its last index;
+- B4: 4 MiB socket buffers, and POLLOUT re-armed after a partial send
+  (raft.fixes);
 - B5: apply never raises (LmdbStore.apply turns every failure into a result);
 - B6: every submit has its own deadline; a callback that never fires after a
   leader change ends in CommitTimeout, not a hung caller;
 - B7: journalFile and fullDumpFile are always both set;
-- B0 (in part): the snapshot serializer is custom, so pysyncobj never forks
-  a writer that could outlive a killed node.
+- no fsync: the journal and the state follow the group's fsync policy.
 """
 
 from __future__ import annotations
@@ -22,20 +31,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
-import struct
 import threading
 import time
 from typing import Any, Callable
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 
+from . import fixes
+from .snapshot import AsyncSnapshotSerializer, read_snapshot, write_snapshot
 from .store import ApplyError, LmdbStore, RaftIndex
 
 logger = logging.getLogger(__name__)
-
-_SNAPSHOT_MAGIC = b"RMQSNAP1"
-_TRAILER = struct.Struct(">QQ8s")  # lmdb_length, raft_data_length, magic
 
 _STATE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
 
@@ -89,6 +95,9 @@ class CommandRejected(Exception):
         self.outcome_known = outcome_known
 
 
+# Sentinel: no append_entries message is being handled.
+_NO_GUARD = object()
+
 _FAIL_NAMES = {
     value: name for name, value in vars(FAIL_REASON).items() if not name.startswith("_")
 }
@@ -115,12 +124,18 @@ class ReplicatedGroup(SyncObj):
         self.group_name = name
         self.store = store
         self._on_role_change = on_role_change
+        self._settings = settings
+        self._stopped = threading.Event()
         os.makedirs(data_dir, exist_ok=True)
         self._snapshot_path = os.path.join(data_dir, "raft.snapshot")
+        journal_path = os.path.join(data_dir, "raft.journal")
+        if fixes.FIXES_ENABLED:
+            fixes.install()
+            fixes.register_journal(journal_path, sync_each_write=settings.fsync_policy == "always")
         conf = SyncObjConf(
             password=settings.cluster_secret,
             bindAddress=self_address,
-            journalFile=os.path.join(data_dir, "raft.journal"),
+            journalFile=journal_path,
             fullDumpFile=self._snapshot_path,
             serializer=self._write_snapshot,
             deserializer=self._read_snapshot,
@@ -142,7 +157,20 @@ class ReplicatedGroup(SyncObj):
             onStateChanged=self._role_changed,
             dynamicMembershipChange=False,
         )
+        self._member_count = len(partner_addresses) + 1
+        self._append_guard: object = _NO_GUARD
         super().__init__(self_address, partner_addresses, conf)
+        self._partners = frozenset(self.otherNodes)
+        if fixes.FIXES_ENABLED:
+            # Swapped in after construction: pysyncobj built its own Serializer
+            # in __init__ and used it to load the snapshot, which is harmless.
+            self._SyncObj__serializer = AsyncSnapshotSerializer(
+                store, self._snapshot_path, 2**20, name)
+        self._fsync_thread = None
+        if settings.fsync_policy == "interval":
+            self._fsync_thread = threading.Thread(
+                target=self._fsync_loop, name="fsync", daemon=True)
+            self._fsync_thread.start()
         logger.info(
             "%s event=group_started address=%s partners=%s",
             name, self_address, ",".join(partner_addresses),
@@ -201,7 +229,7 @@ class ReplicatedGroup(SyncObj):
         return None if leader is None else str(leader.id)
 
     def connected_partners(self) -> list[str]:
-        return sorted(str(node.id) for node in self.otherNodes if self.isNodeConnected(node))
+        return sorted(str(node.id) for node in self._partners if self.isNodeConnected(node))
 
     def has_quorum(self) -> bool:
         """True when this member leads and is connected to a majority.
@@ -212,8 +240,7 @@ class ReplicatedGroup(SyncObj):
         """
         if not self._isLeader():
             return False
-        members = len(self.otherNodes) + 1
-        return len(self.connected_partners()) + 1 > members // 2
+        return len(self.connected_partners()) + 1 > self._member_count // 2
 
     def transfer_leadership_to(self, address: str) -> None:
         """Ask the member at `address` to take over; pysyncobj denies it
@@ -244,42 +271,150 @@ class ReplicatedGroup(SyncObj):
         if self._on_role_change is not None:
             self._on_role_change(old_name, new_name)
 
-    # --- snapshots -------------------------------------------------------
+    # --- overrides of pysyncobj 0.3.17 internals -------------------------
+    # Each keeps the original behaviour when RAFTMQ_PYSYNCOBJ_FIXES=off.
+
+    def _SyncObj__loadDumpFile(self, clearJournal):
+        """B0: keep the journal entries the snapshot does not cover.
+
+        pysyncobj clears the whole journal when its first entries do not line
+        up with the snapshot, which after a crash during compaction throws
+        away acknowledged entries. The Raft rule for installing a snapshot is
+        used instead: when the journal holds the snapshot's last entry with
+        the same term, the entries after it stay; otherwise the journal is
+        reset to the snapshot.
+        """
+        if not fixes.FIXES_ENABLED:
+            return SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+        try:
+            data = self._SyncObj__serializer.deserialize()
+        except Exception:
+            logger.exception("%s event=snapshot_load_failed", self.group_name)
+            return
+        last_entry, previous_entry = data[1], data[2]
+        snapshot_index, snapshot_term = last_entry[1], last_entry[2]
+        journal = self._SyncObj__raftLog
+        kept: list = []
+        if len(journal) and journal[0][1] <= snapshot_index <= journal[-1][1]:
+            position = snapshot_index - journal[0][1]
+            if journal[position][2] == snapshot_term:
+                kept = list(journal[position + 1:])
+        entries = [previous_entry, last_entry] + kept
+        if list(journal[:]) != entries:
+            journal.replace_all(entries)
+        self._SyncObj__raftLastApplied = snapshot_index
+        commit_index = min(max(self._SyncObj__raftCommitIndex, snapshot_index), entries[-1][1])
+        self._SyncObj__raftCommitIndex = commit_index
+        journal.setRaftCommitIndex(commit_index)
+        self._SyncObj__onSetCodeVersion(0)
+        logger.info("%s event=snapshot_loaded raft_index=%d journal_entries_kept=%d",
+                    self.group_name, snapshot_index, len(kept))
+
+    def _SyncObj__onMessageReceived(self, node, message):
+        """B3: let an append truncate the log only at a real conflict."""
+        if (not fixes.FIXES_ENABLED or message.get("type") != "append_entries"
+                or "prevLogIdx" not in message or "transmission" in message):
+            return SyncObj._SyncObj__onMessageReceived(self, node, message)
+        commit_before = self._SyncObj__raftCommitIndex
+        verified_end = self._skip_entries_already_held(message)
+        try:
+            return SyncObj._SyncObj__onMessageReceived(self, node, message)
+        finally:
+            self._append_guard = _NO_GUARD
+            # Entries past verified_end were not checked against the leader's
+            # log in this message, so they must not become committed here.
+            commit = self._SyncObj__raftCommitIndex
+            if commit > commit_before and commit > verified_end:
+                commit = max(commit_before, verified_end)
+                self._SyncObj__raftCommitIndex = commit
+                self._SyncObj__raftLog.setRaftCommitIndex(commit)
+
+    def _skip_entries_already_held(self, message) -> int:
+        """Drop the leading entries of an append that this log already holds
+        with the same term, and arm the truncation guard; return the last
+        index the message vouches for."""
+        entries = message.get("entries") or []
+        journal = self._SyncObj__raftLog
+        first_index, last_index = journal[0][1], journal[-1][1]
+        held = 0
+        for entry in entries:
+            index, term = entry[1], entry[2]
+            if index < first_index or index > last_index or journal[index - first_index][2] != term:
+                break
+            held += 1
+        if held:
+            message["prevLogIdx"], message["prevLogTerm"] = entries[held - 1][1], entries[held - 1][2]
+            entries = entries[held:]
+            message["entries"] = entries
+        # The first remaining entry conflicts when this log has its index.
+        self._append_guard = entries[0][1] if entries and entries[0][1] <= last_index else None
+        return entries[-1][1] if entries else message["prevLogIdx"]
+
+    def _SyncObj__deleteEntriesFrom(self, fromIDx):
+        guard = self._append_guard
+        if fixes.FIXES_ENABLED and guard is not _NO_GUARD and guard != fromIDx:
+            return  # no conflicting entry at fromIDx: keep the log
+        if fromIDx <= self._SyncObj__raftLastApplied:
+            logger.error("%s event=truncating_applied_entries from_index=%d applied_index=%d",
+                         self.group_name, fromIDx, self._SyncObj__raftLastApplied)
+        return SyncObj._SyncObj__deleteEntriesFrom(self, fromIDx)
+
+    def _SyncObj__sendAppendEntries(self):
+        """B2: give every follower its own time budget in a send round.
+
+        pysyncobj measures one budget from the start of the round, so the
+        first follower can use it all and the second gets one batch per
+        heartbeat. Calling the original once per follower resets the budget.
+        The transport holds its own reference to the member set, so the
+        temporary one-member set seen here changes nothing else.
+        """
+        if not fixes.FIXES_ENABLED or len(self._partners) < 2:
+            return SyncObj._SyncObj__sendAppendEntries(self)
+        members = self._SyncObj__otherNodes
+        try:
+            for partner in list(members):
+                self._SyncObj__otherNodes = {partner}
+                SyncObj._SyncObj__sendAppendEntries(self)
+        finally:
+            self._SyncObj__otherNodes = members
+
+    # --- snapshots and fsync -------------------------------------------
 
     def _write_snapshot(self, path: str, raft_data: Any) -> None:
-        """Write the LMDB copy, then pysyncobj's own data, then a trailer.
-
-        Runs synchronously on the group's tick thread, so the store is at
-        exactly the applied index that raft_data describes.
-        """
-        started = time.monotonic()
-        with open(path, "wb") as snapshot:
-            self.store.copy_to_fd(snapshot.fileno())
-            snapshot.seek(0, os.SEEK_END)
-            lmdb_length = snapshot.tell()
-            encoded = pickle.dumps(raft_data, protocol=pickle.HIGHEST_PROTOCOL)
-            snapshot.write(encoded)
-            snapshot.write(_TRAILER.pack(lmdb_length, len(encoded), _SNAPSHOT_MAGIC))
-            snapshot.flush()
-            os.fsync(snapshot.fileno())
-        logger.info(
-            "%s event=snapshot_written applied_index=%d bytes=%d duration_ms=%d",
-            self.group_name, self.store.applied_index, lmdb_length + len(encoded),
-            (time.monotonic() - started) * 1000,
-        )
+        """Synchronous snapshot, used by pysyncobj's own Serializer only when
+        the overrides are off or before the asynchronous one is swapped in."""
+        size = write_snapshot(self.store, path, raft_data)
+        logger.info("%s event=snapshot_written raft_index=%s bytes=%d",
+                    self.group_name, raft_data[0][1], size)
 
     def _read_snapshot(self, path: str) -> Any:
-        with open(path, "rb") as snapshot:
-            snapshot.seek(-_TRAILER.size, os.SEEK_END)
-            lmdb_length, raft_length, magic = _TRAILER.unpack(snapshot.read(_TRAILER.size))
-            if magic != _SNAPSHOT_MAGIC:
-                raise ValueError(f"{path} is not a raftmq snapshot (magic {magic!r})")
-            snapshot.seek(lmdb_length)
-            raft_data = pickle.loads(snapshot.read(raft_length))
-        self.store.replace_with(path, lmdb_length)
-        return raft_data
+        return read_snapshot(self.store, path)
+
+    def _fsync_loop(self) -> None:
+        interval_s = self._settings.fsync_interval_ms / 1000
+        while not self._stopped.wait(interval_s):
+            self.fsync()
+
+    def fsync(self) -> None:
+        """Flush the journal and the state to disk; callable from any thread."""
+        try:
+            journal = self._SyncObj__raftLog
+            if hasattr(journal, "sync"):
+                journal.sync()
+            self.store.env.sync(True)
+        except Exception:
+            if not self._stopped.is_set():
+                logger.exception("%s event=fsync_failed", self.group_name)
 
     def stop(self) -> None:
         """Stop the tick thread and close the group's sockets; the store stays open."""
+        self._stopped.set()
+        if self._fsync_thread is not None:
+            self._fsync_thread.join()
         self.destroy_synchronous()
+        serializer = self._SyncObj__serializer
+        if isinstance(serializer, AsyncSnapshotSerializer):
+            serializer.wait_idle()
+        if self._settings.fsync_policy != "never":
+            self.store.env.sync(True)
         logger.info("%s event=group_stopped", self.group_name)

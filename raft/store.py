@@ -135,8 +135,12 @@ class LmdbStore:
         with self._env_lock, self.env.begin() as txn:
             return reader(txn)
 
-    def copy_to_fd(self, fd: int) -> None:
-        """Write a consistent compacted copy of the environment to fd."""
+    def copy_to_fd(self, fd: int, txn: lmdb.Transaction | None = None) -> None:
+        """Write a consistent compacted copy of the environment to fd, as of
+        `txn` when given (a read transaction), else as of now."""
+        if txn is not None:
+            self.env.copyfd(fd, compact=True, txn=txn)
+            return
         with self._env_lock:
             self.env.copyfd(fd, compact=True)
 
