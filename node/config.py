@@ -40,6 +40,7 @@ class NodeConfig:
     # after this long since the previous snapshot.
     raft_log_compaction_min_entries: int = 20000
     raft_log_compaction_min_interval_ms: int = 300_000
+    raft_log_compaction_max_journal_bytes: int = 256 * 2**20
     # When the Raft journal and the LMDB state reach the disk: "always"
     # (fsync before every acknowledgement), "interval" (every
     # fsync_interval_ms) or "never" (left to the OS page cache).
@@ -85,6 +86,7 @@ _INT_FIELDS = {
     "node_id", "raft_port_span", "default_replication_factor", "max_message_bytes",
     "max_request_bytes", "fetch_max_wait_ms", "produce_timeout_ms", "grpc_workers",
     "raft_log_compaction_min_entries", "raft_log_compaction_min_interval_ms", "fsync_interval_ms",
+    "raft_log_compaction_max_journal_bytes",
 }
 
 
@@ -114,6 +116,8 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
                         help="snapshot a Raft group after this many journal entries")
     parser.add_argument("--raft-log-compaction-min-interval-ms", type=int,
                         help="snapshot a Raft group at least this often, in ms")
+    parser.add_argument("--raft-log-compaction-max-journal-bytes", type=int,
+                        help="snapshot a Raft group once its journal holds this many bytes")
     parser.add_argument("--fsync-policy", choices=("always", "interval", "never"),
                         help="when the journal and state are fsynced (default interval)")
     parser.add_argument("--fsync-interval-ms", type=int,

@@ -71,6 +71,7 @@ class Node:
             max_command_bytes=config.max_request_bytes + 2**16,
             log_compaction_min_entries=config.raft_log_compaction_min_entries,
             log_compaction_min_interval_ms=config.raft_log_compaction_min_interval_ms,
+            log_compaction_max_journal_bytes=config.raft_log_compaction_max_journal_bytes,
             fsync_policy=config.fsync_policy,
             fsync_interval_ms=config.fsync_interval_ms,
         )

@@ -62,6 +62,9 @@ class RaftSettings:
     # log_compaction_min_interval_ms after the previous one).
     log_compaction_min_entries: int = 20000
     log_compaction_min_interval_ms: int = 300_000
+    # Also snapshot once the journal holds this many bytes of commands: the
+    # journal is mirrored in memory, so this bounds a group's memory too.
+    log_compaction_max_journal_bytes: int = 256 * 2**20
     fsync_policy: str = "interval"
     fsync_interval_ms: int = 200
     max_command_bytes: int = 2 * 2**20
@@ -166,6 +169,8 @@ class ReplicatedGroup(SyncObj):
             # in __init__ and used it to load the snapshot, which is harmless.
             self._SyncObj__serializer = AsyncSnapshotSerializer(
                 store, self._snapshot_path, 2**20, name)
+        if fixes.FIXES_ENABLED:
+            self.addOnTickCallback(self._maybe_force_compaction)
         self._fsync_thread = None
         if settings.fsync_policy == "interval":
             self._fsync_thread = threading.Thread(
@@ -389,6 +394,11 @@ class ReplicatedGroup(SyncObj):
 
     def _read_snapshot(self, path: str) -> Any:
         return read_snapshot(self.store, path)
+
+    def _maybe_force_compaction(self) -> None:
+        journal = self._SyncObj__raftLog
+        if getattr(journal, "bytes", 0) > self._settings.log_compaction_max_journal_bytes:
+            self._SyncObj__forceLogCompaction = True
 
     def _fsync_loop(self) -> None:
         interval_s = self._settings.fsync_interval_ms / 1000

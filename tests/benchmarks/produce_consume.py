@@ -119,6 +119,8 @@ def main() -> int:
     parser.add_argument("--linger-ms", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64 * 1024)
     parser.add_argument("--latency-samples", type=int, default=500)
+    parser.add_argument("--fsync-policy", choices=("always", "interval", "never"),
+                        help="node fsync policy for the local cluster (default: the node's)")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
 
@@ -126,7 +128,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="raftmq-bench-") as scratch:
         if args.bootstrap is None:
             progress("starting a local three-node cluster")
-            cluster = LocalCluster(Path(scratch))
+            extra = ["--fsync-policy", args.fsync_policy] if args.fsync_policy else []
+            cluster = LocalCluster(Path(scratch), extra_args=extra)
             cluster.start_all()
             cluster.wait_healthy(timeout_s=60)
         bootstrap = args.bootstrap or cluster.bootstrap
