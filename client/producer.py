@@ -180,9 +180,9 @@ class Producer:
         invalid arguments. Delivery failures, including RECORD_TOO_LARGE,
         fail the returned Future instead.
 
-        `timestamp_ms` None stamps the current time; 0 lets the partition
-        leader stamp its append time, and RecordMetadata.timestamp_ms is
-        then 0 because the ack does not carry that time.
+        `timestamp_ms` None stamps the current time, and 0 lets the partition
+        leader stamp its append time, which the ack carries back into
+        RecordMetadata.timestamp_ms.
         """
         if self._closed:
             raise ProducerClosedError(f"cannot send to topic {topic!r}: the producer is closed")

@@ -34,9 +34,9 @@ class RecordMetadata:
     topic: str
     partition: int
     offset: int
-    # The record's timestamp as sent, in ms since the Unix epoch. The
-    # producer stamps the current time when send() got none, and it is 0
-    # only when the caller sent 0 to have the leader stamp its append time.
+    # The stored timestamp, in ms since the Unix epoch. It is the one sent,
+    # the current time when send() got none, or the leader's append time
+    # when the caller sent 0.
     timestamp_ms: int
 
 

@@ -48,6 +48,8 @@ class NodeConfig:
     fsync_interval_ms: int = 200
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    # CA that signs the other nodes' certificates, for forwarded calls.
+    tls_ca_file: str | None = None
     log_level: str = "INFO"
 
     def validate(self) -> None:
@@ -124,6 +126,9 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fsync period for --fsync-policy interval, in ms")
     parser.add_argument("--tls-cert-file")
     parser.add_argument("--tls-key-file")
+    parser.add_argument("--tls-ca-file",
+                        help="CA certificate that verifies other nodes when forwarding "
+                             "(default: --tls-cert-file, for a shared self-signed certificate)")
     parser.add_argument("--log-level")
 
 

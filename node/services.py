@@ -96,11 +96,21 @@ class _Base:
         with self._channels_lock:
             channel = self._channels.get(address)
             if channel is None:
-                limit = 2 * self.node.config.max_request_bytes + 2**20
-                channel = grpc.insecure_channel(address, options=[
+                config = self.node.config
+                limit = 2 * config.max_request_bytes + 2**20
+                options = [
                     ("grpc.max_receive_message_length", limit),
                     ("grpc.max_send_message_length", limit),
-                ])
+                ]
+                if config.tls_cert_file:
+                    # Nodes of a TLS cluster verify each other with the CA
+                    # file, or with the node's own certificate when all
+                    # nodes share one self-signed certificate.
+                    with open(config.tls_ca_file or config.tls_cert_file, "rb") as ca_file:
+                        credentials = grpc.ssl_channel_credentials(root_certificates=ca_file.read())
+                    channel = grpc.secure_channel(address, credentials, options=options)
+                else:
+                    channel = grpc.insecure_channel(address, options=options)
                 self._channels[address] = channel
             return channel
 
@@ -482,6 +492,8 @@ class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
             if hosted is not None and hosted.topic_id == topic.topic_id:
                 info.high_watermark = hosted.store.high_watermark
                 info.raft_term = hosted.group.term()
+                # NOTE: only the leader's node knows which replicas are
+                # connected, so other nodes leave in_sync_replicas empty.
                 if hosted.group.is_leader():
                     connected = set(hosted.group.connected_partners())
                     info.in_sync_replicas.extend(
