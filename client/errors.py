@@ -1,6 +1,6 @@
 """Error reasons of the raftmq wire contract and the SDK's exception types.
 
-A node answers every failed call with a standard gRPC status code and a
+A node fails every call with a standard gRPC status code and a
 google.rpc.ErrorInfo detail whose `reason` is one of the names below and
 whose `domain` is ERROR_DOMAIN. The reason is stable across releases, so
 clients branch on it instead of parsing messages. The node imports these
@@ -67,7 +67,7 @@ class RaftMQError(Exception):
 
 
 class NotLeaderError(RaftMQError):
-    """The node called does not lead the partition; `leader_address` may say who does."""
+    """The node called does not lead the partition; `leader_address` names the leader if known."""
 
     @property
     def leader_address(self) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any
 @dataclasses.dataclass(frozen=True)
 class NodeConfig:
     node_id: int
-    # Address this node's gRPC server binds, and the one it tells clients.
+    # Address the gRPC server binds, and the address clients are given.
     grpc_bind: str
     grpc_advertised: str
     # Host and first port of this node's Raft endpoints: the metadata group
@@ -111,7 +111,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-replication-factor", type=int)
     parser.add_argument("--max-message-bytes", type=int, help="largest record accepted, bytes")
     parser.add_argument("--max-request-bytes", type=int, help="largest produce request, bytes")
-    parser.add_argument("--fetch-max-wait-ms", type=int, help="longest long-poll a fetch may ask for")
+    parser.add_argument("--fetch-max-wait-ms", type=int, help="maximum long-poll wait of a fetch, in ms")
     parser.add_argument("--produce-timeout-ms", type=int,
                         help="how long a produce waits for its commit before DEADLINE_EXCEEDED")
     parser.add_argument("--raft-log-compaction-min-entries", type=int,

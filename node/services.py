@@ -2,9 +2,9 @@
 
 Handlers decide and build commands; only the state machines change state.
 A request that reaches a node that does not lead the partition is forwarded
-once to the leader (marked with the FORWARDED_HEADER metadata key, so a
-stale view can never bounce it around); a forwarded request that again
-misses the leader is answered with NOT_LEADER and the leader's address.
+once to the leader, marked with the FORWARDED_HEADER metadata key so that a
+stale view cannot bounce it around. A forwarded request that again misses
+the leader fails with NOT_LEADER and the leader's address.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ class ProducerServicer(_Base, raftmq_pb2_grpc.ProducerServiceServicer):
             acks, duplicate = self.produce_to(topic, request.partition, request, context, timeout_cap_s)
             return raftmq_pb2.ProduceResponse(topic=topic.name, acks=acks, duplicate=duplicate)
         # NOTE: a request routed by the server is split into one command per
-        # partition, applied one after another; if a later partition fails,
+        # partition, applied one after another. If a later partition fails,
         # the earlier ones stay appended and the whole call reports the error.
         by_partition: dict[int, list[int]] = {}
         keyless_partition = int(time.monotonic_ns() // 1000) % len(topic.partitions)
@@ -492,7 +492,7 @@ class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
             if hosted is not None and hosted.topic_id == topic.topic_id:
                 info.high_watermark = hosted.store.high_watermark
                 info.raft_term = hosted.group.term()
-                # NOTE: only the leader's node knows which replicas are
+                # NOTE: only the leader's node tracks which replicas are
                 # connected, so other nodes leave in_sync_replicas empty.
                 if hosted.group.is_leader():
                     connected = set(hosted.group.connected_partners())

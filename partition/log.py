@@ -129,7 +129,8 @@ class PartitionStore(LmdbStore):
     def fetch(self, offset: Offset, max_records: int, max_bytes: int) -> FetchResult:
         """Return encoded records from `offset`: at most max_records, and at
         most max_bytes unless the first record alone is larger."""
-        assert max_records > 0 and max_bytes > 0
+        assert max_records > 0, max_records
+        assert max_bytes > 0, max_bytes
 
         def read(txn: lmdb.Transaction) -> FetchResult:
             out: list[tuple[Offset, bytes]] = []

@@ -121,7 +121,15 @@ class LmdbStore:
             result = ApplyError("INTERNAL_ERROR", f"apply failed at index {index}: {exc!r}")
         if not committed:
             self._after_apply(False)
-            self._record_applied(index)
+            try:
+                self._record_applied(index)
+            except Exception:
+                # The state can no longer be written, so applying on would
+                # leave memory and disk apart: stop the process loudly and
+                # let the supervisor restart it once the disk is fixed.
+                logger.critical("path=%s index=%d event=state_write_failed action=exit",
+                                self.path, index, exc_info=True)
+                os._exit(70)
         self._applied_index = index
         if committed:
             self._after_apply(True)
