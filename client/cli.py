@@ -86,6 +86,10 @@ def run(argv: Sequence[str] | None = None, server_commands: ServerCommands | Non
         return args.func(args)
     except RaftMQError as error:
         _print_error(error.reason, error.message)
+    except BrokenPipeError:
+        # The reader of stdout went away (for example `| head`): not an error.
+        sys.stderr.close()
+        return 0
     except (ValueError, OSError) as error:
         _print_error("INVALID_REQUEST", str(error))
     except KeyboardInterrupt:

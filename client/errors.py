@@ -19,7 +19,6 @@ ERROR_DOMAIN = "raftmq"
 REASONS: dict[str, bool] = {
     "NOT_LEADER": True,
     "LEADER_NOT_AVAILABLE": True,
-    "NOT_ENOUGH_REPLICAS": True,
     "COMMIT_TIMEOUT": True,
     "UNKNOWN_TOPIC": False,
     "UNKNOWN_PARTITION": False,
@@ -71,9 +70,7 @@ class NotLeaderError(RaftMQError):
 
     @property
     def leader_address(self) -> str | None:
-        # The .proto header names the key "leader"; accept both spellings
-        # until docs/api.md fixes one.
-        return self.metadata.get("leader_address") or self.metadata.get("leader") or None
+        return self.metadata.get("leader_address") or None
 
 
 class BufferFullError(RaftMQError):

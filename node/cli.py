@@ -89,14 +89,20 @@ def cluster_up(args: argparse.Namespace) -> int:
     data_dir = os.path.abspath(args.data_dir)
     os.makedirs(data_dir, exist_ok=True)
     env = dict(os.environ, RAFTMQ_CLUSTER_SECRET=local_cluster_secret(data_dir))
+    busy = ports_in_use(args)
+    if busy:
+        print(f"error: ports already in use on {args.host}: {', '.join(map(str, busy))}; stop the "
+              "other cluster or pick --grpc-port-base and --raft-port-base", file=sys.stderr)
+        return 1
     processes: dict[int, subprocess.Popen] = {}
     logs = {}
+    commands = {}
     for node_id in range(1, args.nodes + 1):
         log_path = os.path.join(data_dir, f"node{node_id}.log")
         logs[node_id] = open(log_path, "ab")
-        command = [sys.executable, "-m", "raftmq.node", *local_node_args(
+        commands[node_id] = [sys.executable, "-m", "raftmq.node", *local_node_args(
             node_id, args.nodes, data_dir, args.host, args.grpc_port_base, args.raft_port_base)]
-        processes[node_id] = subprocess.Popen(command, env=env, stdout=logs[node_id],
+        processes[node_id] = subprocess.Popen(commands[node_id], env=env, stdout=logs[node_id],
                                               stderr=subprocess.STDOUT)
         logger.info("event=node_spawned node=%d pid=%d log=%s", node_id,
                     processes[node_id].pid, log_path)
@@ -115,13 +121,17 @@ def cluster_up(args: argparse.Namespace) -> int:
     exit_code = 0 if healthy else 1
     if healthy and args.demo:
         run_demo(bootstrap)
+    # A node that dies is started again, as a container restart policy
+    # would, so a kill -9 of one node can be watched from the outside.
     while healthy and not stop:
-        for node_id, process in processes.items():
+        for node_id, process in list(processes.items()):
             if process.poll() is not None:
-                print(f"error: node {node_id} exited with code {process.returncode}; see "
-                      f"{data_dir}/node{node_id}.log", file=sys.stderr, flush=True)
-                stop.append(1)
-                exit_code = 1
+                print(f"node {node_id} exited with code {process.returncode}; restarting it "
+                      f"(log: {data_dir}/node{node_id}.log)", file=sys.stderr, flush=True)
+                time.sleep(1)
+                processes[node_id] = subprocess.Popen(
+                    commands[node_id], env=env, stdout=logs[node_id], stderr=subprocess.STDOUT)
+                logger.info("event=node_restarted node=%d pid=%d", node_id, processes[node_id].pid)
         time.sleep(0.2)
     for process in processes.values():
         if process.poll() is None:
@@ -137,6 +147,23 @@ def cluster_up(args: argparse.Namespace) -> int:
         logs[node_id].close()
     print("raftmq cluster stopped", flush=True)
     return exit_code
+
+
+def ports_in_use(args: argparse.Namespace) -> list[int]:
+    """Return the gRPC and metadata Raft ports of the local cluster that are taken."""
+    import socket
+
+    wanted = [args.grpc_port_base + i for i in range(args.nodes)]
+    wanted += [args.raft_port_base + i * LOCAL_RAFT_PORT_SPAN for i in range(args.nodes)]
+    busy = []
+    for port in wanted:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((args.host, port))
+            except OSError:
+                busy.append(port)
+    return busy
 
 
 def run_demo(bootstrap: str) -> None:

@@ -39,6 +39,7 @@ REPORT_RETRY_INTERVAL_S = 1.0
 # the placement) at most this often, and only after leading this long, so
 # leaders spread over the nodes again after a failover without flapping.
 PREFERRED_LEADER_INTERVAL_S = 10.0
+PARTITION_START_RETRY_S = 5.0
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Node:
         self._partitions_lock = threading.Lock()
         self._stopping = threading.Event()
         self._last_register_s = 0.0
+        self._start_retry_after_s: dict[tuple[str, int], float] = {}
         self._health = health.HealthServicer()
         self._grpc_server: grpc.Server | None = None
         self._reconciler: threading.Thread | None = None
@@ -279,11 +281,21 @@ class Node:
         for key, (topic, partition) in wanted.items():
             current = running.get(key)
             if current is None or current.topic_id != topic.topic_id:
-                self._start_partition(view, topic, partition)
+                if time.monotonic() < self._start_retry_after_s.get(key, 0.0):
+                    continue
+                try:
+                    self._start_partition(view, topic, partition)
+                except Exception:
+                    self._start_retry_after_s[key] = time.monotonic() + PARTITION_START_RETRY_S
+                    # One partition that cannot start must not keep the others down.
+                    logger.exception("node=%d topic=%s partition=%d event=partition_start_failed",
+                                     self.node_id, topic.name, partition)
 
     def _partition_dir(self, topic: TopicRecord, partition: int) -> str:
+        # Topic names may be 249 characters, so only a prefix goes into the
+        # folder name (Linux allows 255 bytes); the topic id keeps it unique.
         return os.path.join(self.config.data_dir, "partitions",
-                            f"{topic.name}.{topic.topic_id}.{partition}")
+                            f"{topic.name[:80]}.{topic.topic_id}.{partition}")
 
     def _start_partition(self, view: MetadataView, topic: TopicRecord, partition: int) -> None:
         placement = topic.partitions[partition]
@@ -294,12 +306,16 @@ class Node:
         data_dir = self._partition_dir(topic, partition)
         store = PartitionStore(os.path.join(data_dir, "state"),
                                sync=self.config.fsync_policy == "always")
-        group = ReplicatedGroup(
-            f"node={self.node_id} topic={topic.name} partition={partition}",
-            addresses[self.node_id],
-            [address for node_id, address in addresses.items() if node_id != self.node_id],
-            data_dir, store, self.settings,
-        )
+        try:
+            group = ReplicatedGroup(
+                f"node={self.node_id} topic={topic.name} partition={partition}",
+                addresses[self.node_id],
+                [address for node_id, address in addresses.items() if node_id != self.node_id],
+                data_dir, store, self.settings,
+            )
+        except Exception:
+            store.close()
+            raise
         hosted = HostedPartition(
             topic.name, partition, topic.topic_id, store, group, data_dir,
             {address: node_id for node_id, address in addresses.items()},
@@ -338,9 +354,15 @@ class Node:
                 topic_id=partition.topic_id, leader=self.node_id, term=term,
             )
             try:
-                self.submit_metadata(command, METADATA_COMMAND_TIMEOUT_S)
-                logger.info("node=%d topic=%s partition=%d term=%d event=leader_reported",
-                            self.node_id, partition.topic, partition.partition, term)
+                accepted = self.submit_metadata(command, METADATA_COMMAND_TIMEOUT_S)
+                if accepted:
+                    logger.info("node=%d topic=%s partition=%d term=%d event=leader_reported",
+                                self.node_id, partition.topic, partition.partition, term)
+                else:
+                    logger.warning(
+                        "node=%d topic=%s partition=%d term=%d event=leader_report_rejected "
+                        "reason=a later term is recorded", self.node_id, partition.topic,
+                        partition.partition, term)
             except Exception as exc:
                 logger.warning("node=%d topic=%s partition=%d event=leader_report_retry error=%r",
                                self.node_id, partition.topic, partition.partition, exc)

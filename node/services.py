@@ -34,6 +34,10 @@ FORWARDED_HEADER = "raftmq-forwarded-by"
 DEFAULT_FETCH_MAX_RECORDS = 500
 DEFAULT_FETCH_MAX_BYTES = 2**20
 CREATE_TOPIC_WAIT_FOR_LEADERS_S = 10.0
+FETCH_DEADLINE_MARGIN_S = 0.1
+# A forwarded call may wait this much longer than the leader's own commit
+# timeout, so the leader's COMMIT_TIMEOUT (with its reason) arrives first.
+FORWARD_EXTRA_S = 5.0
 
 Response = TypeVar("Response")
 
@@ -138,7 +142,7 @@ class _Base:
     def not_leader(self, topic: TopicRecord, partition: int) -> ServiceError:
         leader = self.node.partition_leader(topic, partition)
         address = self.node.grpc_address_of(leader)
-        if address is None:
+        if address is None or leader == self.node.node_id:
             return ServiceError(
                 "LEADER_NOT_AVAILABLE",
                 f"partition {partition} of {topic.name!r} has no known leader yet; retry",
@@ -169,11 +173,21 @@ class _Base:
         except grpc.RpcError as exc:
             raise _ForwardedError(exc) from exc
 
-    def local_leader(self, topic: TopicRecord, partition: int):
+    def local_leader(self, topic: TopicRecord, partition: int, for_read: bool = False):
+        """Return the local replica if it leads the partition (and, for a
+        read, has applied everything committed before its term), else None."""
         hosted = self.node.hosted(topic.name, partition)
-        if hosted is None or hosted.topic_id != topic.topic_id or not hosted.group.has_quorum():
+        if hosted is None or hosted.topic_id != topic.topic_id:
             return None
-        return hosted
+        group = hosted.group
+        if group.is_leader() and not (group.read_ready() if for_read else group.has_quorum()):
+            raise ServiceError(
+                "LEADER_NOT_AVAILABLE",
+                f"node {self.node.node_id} leads partition {partition} of {topic.name!r} but has "
+                "not yet confirmed its term with a majority; retry",
+                topic=topic.name, partition=partition,
+            )
+        return hosted if group.is_leader() else None
 
 
 class ProducerServicer(_Base, raftmq_pb2_grpc.ProducerServiceServicer):
@@ -237,6 +251,19 @@ class ProducerServicer(_Base, raftmq_pb2_grpc.ProducerServiceServicer):
                     "or raise max_message_bytes",
                     index=index, size=record_size, max_message_bytes=max_message_bytes,
                 )
+            if len(record.headers) > codec.MAX_HEADER_COUNT:
+                raise ServiceError(
+                    "INVALID_REQUEST", f"record {index} has {len(record.headers)} headers, "
+                    f"at most {codec.MAX_HEADER_COUNT}", index=index, headers=len(record.headers),
+                )
+            for header in record.headers:
+                name_bytes = len(header.key.encode("utf-8"))
+                if name_bytes > codec.MAX_HEADER_NAME_BYTES:
+                    raise ServiceError(
+                        "INVALID_REQUEST", f"record {index} has a header name of {name_bytes} "
+                        f"bytes, at most {codec.MAX_HEADER_NAME_BYTES}",
+                        index=index, header_name_bytes=name_bytes,
+                    )
             if record.timestamp_ms < 0:
                 raise ServiceError(
                     "INVALID_REQUEST", f"record {index} has a negative timestamp_ms "
@@ -249,7 +276,7 @@ class ProducerServicer(_Base, raftmq_pb2_grpc.ProducerServiceServicer):
         if hosted is None:
             address = self.leader_address_to_forward(topic, partition, context)
             stub = raftmq_pb2_grpc.ProducerServiceStub(self.channel(address))
-            response = self.forward(stub.Produce, request, context, timeout_cap_s)
+            response = self.forward(stub.Produce, request, context, timeout_cap_s + FORWARD_EXTRA_S)
             return list(response.acks), response.duplicate
         command = codec.encode_append(codec.AppendCommand(
             records=tuple(
@@ -265,7 +292,26 @@ class ProducerServicer(_Base, raftmq_pb2_grpc.ProducerServiceServicer):
             sequence=request.sequence,
             append_time_ms=time.time_ns() // 1_000_000,
         ))
+        if len(command) > self.node.settings.max_command_bytes:
+            raise ServiceError(
+                "REQUEST_TOO_LARGE",
+                f"the {len(request.records)} records encode to a {len(command)}-byte Raft command, "
+                f"above the limit of {self.node.settings.max_command_bytes} bytes (each record "
+                "costs about 18 bytes besides its key, value and headers); send fewer records "
+                "per request",
+                size=len(command), max_command_bytes=self.node.settings.max_command_bytes,
+                records=len(request.records),
+            )
         result = self.submit(hosted, topic, partition, command, remaining_s(context, timeout_cap_s))
+        if result.duplicate and result.record_count != len(request.records):
+            raise ServiceError(
+                "OUT_OF_ORDER_SEQUENCE",
+                f"producer {request.producer_id} reused sequence {request.sequence} with "
+                f"{len(request.records)} records, but that sequence appended "
+                f"{result.record_count}; a retry must resend the same batch",
+                producer_id=request.producer_id, sequence=request.sequence,
+                records=len(request.records), first_records=result.record_count,
+            )
         acks = [
             raftmq_pb2.RecordAck(
                 partition=partition, offset=result.base_offset + i,
@@ -311,7 +357,7 @@ class ConsumerServicer(_Base, raftmq_pb2_grpc.ConsumerServiceServicer):
             if getattr(request, name) < 0:
                 raise ServiceError("INVALID_REQUEST", f"{name} {getattr(request, name)} is negative",
                                    **{name: getattr(request, name)})
-        hosted = self.local_leader(topic, request.partition)
+        hosted = self.local_leader(topic, request.partition, for_read=True)
         wait_cap_s = self.node.config.fetch_max_wait_ms / 1000
         if hosted is None:
             address = self.leader_address_to_forward(topic, request.partition, context)
@@ -328,7 +374,11 @@ class ConsumerServicer(_Base, raftmq_pb2_grpc.ConsumerServiceServicer):
                 offset=offset, log_start_offset=store.log_start_offset,
                 high_watermark=store.high_watermark,
             )
+        # Leave room before the call's deadline to send the (possibly empty)
+        # answer, so a long poll ends with a response, not DEADLINE_EXCEEDED.
         wait_s = remaining_s(context, min(request.max_wait_ms / 1000, wait_cap_s))
+        if context.time_remaining() is not None:
+            wait_s = max(0.0, min(wait_s, context.time_remaining() - FETCH_DEADLINE_MARGIN_S))
         if offset == store.high_watermark and wait_s > 0:
             store.wait_for_offset(offset, wait_s)
         max_records = request.max_records or DEFAULT_FETCH_MAX_RECORDS
@@ -358,7 +408,7 @@ class ConsumerServicer(_Base, raftmq_pb2_grpc.ConsumerServiceServicer):
             self.check_partition(topic, partition)
         answers = []
         for partition in partitions:
-            hosted = self.local_leader(topic, partition)
+            hosted = self.local_leader(topic, partition, for_read=True)
             if hosted is not None:
                 answers.append(raftmq_pb2.PartitionOffsets(
                     partition=partition, log_start_offset=hosted.store.log_start_offset,

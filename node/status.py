@@ -19,7 +19,6 @@ from ..client.errors import ERROR_DOMAIN, REASONS
 REASON_CODES: dict[str, grpc.StatusCode] = {
     "NOT_LEADER": grpc.StatusCode.UNAVAILABLE,
     "LEADER_NOT_AVAILABLE": grpc.StatusCode.UNAVAILABLE,
-    "NOT_ENOUGH_REPLICAS": grpc.StatusCode.UNAVAILABLE,
     "COMMIT_TIMEOUT": grpc.StatusCode.DEADLINE_EXCEEDED,
     "UNKNOWN_TOPIC": grpc.StatusCode.NOT_FOUND,
     "UNKNOWN_PARTITION": grpc.StatusCode.NOT_FOUND,

@@ -263,6 +263,15 @@ class ReplicatedGroup(SyncObj):
     def role(self) -> str:
         return _STATE_NAMES.get(self._SyncObj__raftState, "unknown")
 
+    def read_ready(self) -> bool:
+        """True when this member may serve reads: it leads with a connected
+        majority and has applied the no-op entry of its own term, so every
+        entry committed before it became leader is in its state."""
+        if not self.has_quorum():
+            return False
+        noop_index = self._SyncObj__noopIDx
+        return noop_index is not None and self.raftLastApplied >= noop_index
+
     def term(self) -> int:
         return self._getTerm()
 
