@@ -164,6 +164,13 @@ class ClusterMetadata:
         info = self.topics.get(topic)
         return None if info is None else len(info.partitions)
 
+    def max_message_bytes(self, topic: str) -> int | None:
+        """Return the topic's record size limit in force, or None if unknown."""
+        info = self.topics.get(topic)
+        if info is None or not info.config.max_message_bytes:
+            return None
+        return info.config.max_message_bytes
+
     def partitions_with_leader(self, topic: str) -> list[int]:
         info = self.topics.get(topic)
         if info is None:

@@ -193,6 +193,8 @@ class Producer:
         pending = PendingRecord(record, future, record_entry_bytes(record))
 
         too_large = self._check_record_size(topic, pending.entry_bytes)
+        if too_large is None:
+            too_large = self._check_topic_limit(topic, record)
         if too_large is not None:
             return self._reject(pending, too_large)
 
@@ -322,6 +324,19 @@ class Producer:
                 "RECORD_TOO_LARGE",
             )
         return None
+
+    def _check_topic_limit(self, topic: str, record: raftmq_pb2.Record) -> RaftMQError | None:
+        """Fail a record above the topic's max_message_bytes here, so it does
+        not make the server reject the whole batch it would travel in."""
+        limit = self._metadata.current.max_message_bytes(topic)
+        size = record.ByteSize()
+        if limit is None or size <= limit:
+            return None
+        return RaftMQError(
+            f"record for topic {topic!r} is {size} bytes, above the topic's max_message_bytes "
+            f"of {limit}; send a smaller record",
+            "RECORD_TOO_LARGE", metadata={"size": str(size), "max_message_bytes": str(limit)},
+        )
 
     def _wait_for_partition_count(self, topic: str, deadline: float) -> int:
         """Return the topic's partition count, fetching metadata until `deadline`."""

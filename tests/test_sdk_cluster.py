@@ -403,3 +403,17 @@ def test_delivery_timeout_after_cluster_stops(cluster):
     assert attempts >= 2
     assert counters["records_failed"] == 3
     assert counters["buffer_bytes"] == 0
+
+
+def test_oversized_record_fails_alone(shared_cluster):
+    with Admin(shared_cluster.bootstrap) as admin:
+        admin.create_topic("small-records", 1, replication_factor=3, max_message_bytes=200)
+    with Producer(shared_cluster.bootstrap, linger_ms=200) as producer:
+        producer.send("small-records", b"warm-up", key=b"k").result(timeout=60)
+        before = [producer.send("small-records", b"ok %d" % i, key=b"k") for i in range(3)]
+        oversized = producer.send("small-records", b"x" * 500, key=b"k")
+        after = [producer.send("small-records", b"after %d" % i, key=b"k") for i in range(3)]
+        producer.flush(timeout=60)
+    assert [future.exception() for future in before + after] == [None] * 6
+    assert isinstance(oversized.exception(), RaftMQError)
+    assert oversized.exception().reason == "RECORD_TOO_LARGE"
