@@ -101,6 +101,25 @@ class CommandRejected(Exception):
 # Sentinel: no append_entries message is being handled.
 _NO_GUARD = object()
 
+
+class _HeldEntriesFilter(logging.Filter):
+    """Drop pysyncobj's "truncating already-applied log entries" warning
+    while the B3 guard is about to skip that very truncation, so the log
+    only warns about truncations that happen (see _SyncObj__deleteEntriesFrom)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.suppressing = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(self.suppressing, "active", False):
+            return not str(record.msg).startswith("truncating already-applied")
+        return True
+
+
+_held_entries_filter = _HeldEntriesFilter()
+logging.getLogger("pysyncobj.syncobj").addFilter(_held_entries_filter)
+
 _FAIL_NAMES = {
     value: name for name, value in vars(FAIL_REASON).items() if not name.startswith("_")
 }
@@ -331,9 +350,11 @@ class ReplicatedGroup(SyncObj):
             return SyncObj._SyncObj__onMessageReceived(self, node, message)
         commit_before = self._SyncObj__raftCommitIndex
         verified_end = self._skip_entries_already_held(message)
+        _held_entries_filter.suppressing.active = self._append_guard is None
         try:
             return SyncObj._SyncObj__onMessageReceived(self, node, message)
         finally:
+            _held_entries_filter.suppressing.active = False
             self._append_guard = _NO_GUARD
             # Entries past verified_end were not checked against the leader's
             # log in this message, so they must not become committed here.
@@ -420,7 +441,7 @@ class ReplicatedGroup(SyncObj):
             journal = self._SyncObj__raftLog
             if hasattr(journal, "sync"):
                 journal.sync()
-            self.store.env.sync(True)
+            self.store.sync()
         except Exception:
             if not self._stopped.is_set():
                 logger.exception("%s event=fsync_failed", self.group_name)
@@ -435,5 +456,5 @@ class ReplicatedGroup(SyncObj):
         if isinstance(serializer, AsyncSnapshotSerializer):
             serializer.wait_idle()
         if self._settings.fsync_policy != "never":
-            self.store.env.sync(True)
+            self.store.sync()
         logger.info("%s event=group_stopped", self.group_name)

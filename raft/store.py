@@ -143,6 +143,11 @@ class LmdbStore:
         with self._env_lock, self.env.begin() as txn:
             return reader(txn)
 
+    def sync(self) -> None:
+        """fsync the environment; safe to call from any thread."""
+        with self._env_lock:
+            self.env.sync(True)
+
     def copy_to_fd(self, fd: int, txn: lmdb.Transaction | None = None) -> None:
         """Write a consistent compacted copy of the environment to fd, as of
         `txn` when given (a read transaction), else as of now."""
