@@ -16,6 +16,7 @@ import shutil
 import threading
 import time
 from concurrent import futures
+import dataclasses
 from dataclasses import dataclass
 
 import grpc
@@ -40,6 +41,7 @@ REPORT_RETRY_INTERVAL_S = 1.0
 # leaders spread over the nodes again after a failover without flapping.
 PREFERRED_LEADER_INTERVAL_S = 10.0
 PARTITION_START_RETRY_S = 5.0
+BIND_WARNING_AFTER_S = 5.0
 
 
 @dataclass
@@ -56,6 +58,8 @@ class HostedPartition:
     last_report_s: float = 0.0
     leading_since_s: float | None = None
     last_transfer_s: float = 0.0
+    started_s: float = dataclasses.field(default_factory=time.monotonic)
+    bind_warned: bool = False
 
     def leader_node(self) -> NodeId | None:
         address = self.group.leader_address()
@@ -239,6 +243,7 @@ class Node:
         self._sync_partitions(view)
         self._maybe_report_leaders(view)
         self._maybe_restore_preferred_leaders()
+        self._warn_unbound_groups()
         serving = (self.node_id in view.nodes and self.controller_node() is not None)
         self._health.set(
             "", health_pb2.HealthCheckResponse.SERVING if serving
@@ -389,3 +394,15 @@ class Node:
                 continue
             partition.last_transfer_s = now
             group.transfer_leadership_to(target)
+
+    def _warn_unbound_groups(self) -> None:
+        now = time.monotonic()
+        for partition in self.hosted_partitions():
+            if partition.bind_warned or partition.group.is_bound():
+                continue
+            if now - partition.started_s > BIND_WARNING_AFTER_S:
+                partition.bind_warned = True
+                logger.error(
+                    "node=%d topic=%s partition=%d event=raft_bind_failed waited_s=%d "
+                    "action=free the port or change raft_address; binding is retried every second",
+                    self.node_id, partition.topic, partition.partition, now - partition.started_s)

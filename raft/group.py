@@ -282,6 +282,10 @@ class ReplicatedGroup(SyncObj):
     def role(self) -> str:
         return _STATE_NAMES.get(self._SyncObj__raftState, "unknown")
 
+    def is_bound(self) -> bool:
+        """True once the group's Raft port is bound (pysyncobj retries every second)."""
+        return bool(self._SyncObj__transport.ready)
+
     def read_ready(self) -> bool:
         """True when this member may serve reads: it leads with a connected
         majority and has applied the no-op entry of its own term, so every

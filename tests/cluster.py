@@ -39,9 +39,22 @@ def _ports_free(first: int, count: int) -> bool:
             sock.close()
 
 
+def _ephemeral_port_floor() -> int:
+    """Lowest port the kernel hands out to outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _pick_port_block(count: int, taken: set[int]) -> int:
+    # Below the ephemeral range: a port picked there could be taken by some
+    # outgoing connection before the node binds it, and the node would then
+    # wait for the bind forever.
+    ceiling = _ephemeral_port_floor() - count
     for _ in range(200):
-        first = random.randrange(21000, 60000 - count)
+        first = random.randrange(10000, ceiling)
         if not any(p in taken for p in range(first, first + count)) and _ports_free(first, count):
             taken.update(range(first, first + count))
             return first
