@@ -126,10 +126,23 @@ def main() -> int:
     first_leader = next((e["time"] for e in events if e.get("to") == "leader"), None)
     elections = [e for e in events if e.get("event") == "role_changed" and e.get("to") == "candidate"
                  and first_leader is not None and e["time"] > first_leader]
+    windows = []
+    for end in (e for e in events if e.get("event") == "snapshot_written"):
+        start = max((e for e in events if e.get("event") == "snapshot_started"
+                     and e["node"] == end["node"] and e["time"] <= end["time"]),
+                    key=lambda e: e["time"])
+        windows.append((start["time"], end["time"]))
+    transfers = [e["time"] for e in events if e.get("event") == "leadership_transfer"]
+    election_details = [{
+        "node": e["node"],
+        "after_transfer_request": any(0 <= e["time"] - t <= 3 for t in transfers),
+        "during_snapshot": any(start <= e["time"] <= end for start, end in windows),
+    } for e in elections]
     finite = sorted(latency for _, latency in probes if latency != float("inf"))
     results = {
         "log_bytes": target_bytes, "produce_seconds": round(produce_s, 1),
         "snapshots": snapshots, "elections_after_first": len(elections),
+        "elections": election_details,
         "probes": len(probes), "probes_failed": sum(1 for _, l in probes if l == float("inf")),
         "probe_p99_ms": round(finite[int(0.99 * (len(finite) - 1))] * 1000, 1) if finite else None,
         "probe_max_ms": round(finite[-1] * 1000, 1) if finite else None,
