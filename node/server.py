@@ -341,9 +341,7 @@ class Node:
 
     def _maybe_report_leaders(self, view: MetadataView) -> None:
         now = time.monotonic()
-        with self._partitions_lock:
-            hosted = list(self._partitions.values())
-        for partition in hosted:
+        for partition in self.hosted_partitions():
             group = partition.group
             if not group.has_quorum():
                 continue
@@ -374,9 +372,7 @@ class Node:
 
     def _maybe_restore_preferred_leaders(self) -> None:
         now = time.monotonic()
-        with self._partitions_lock:
-            hosted = list(self._partitions.values())
-        for partition in hosted:
+        for partition in self.hosted_partitions():
             group = partition.group
             if not group.has_quorum():
                 partition.leading_since_s = None
