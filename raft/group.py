@@ -1,16 +1,16 @@
 """A hardened pysyncobj group that replicates opaque commands into an LmdbStore.
 
 This module and raft.fixes are the only places that talk to pysyncobj. The
-0.3.17 defects they neutralize (the ids are those of the measurements in
-this project's pysyncobj notes):
+0.3.17 defects they neutralize, under the short ids that the tests in
+tests/test_raft_overrides.py also use:
 
 - security: a group never starts without a cluster secret (every frame is
   then authenticated before it is unpickled) and binds only to its own
   configured address;
 - B0: snapshots are LMDB copies written in the background without forking,
-  fsynced and renamed (raft.snapshot); the dump loader keeps journal
-  entries above the snapshot instead of clearing the journal; the journal is
-  LMDB, so compaction is one atomic transaction (raft.journal);
+  then fsynced and renamed (raft.snapshot). The dump loader keeps journal
+  entries above the snapshot instead of clearing the journal, and the
+  journal is LMDB, so compaction is one atomic transaction (raft.journal);
 - B1: appendEntriesBatchSizeBytes stays above the largest command the node
   accepts, so no command takes the broken chunked path;
 - B2: each follower gets its own time budget per send round;
