@@ -113,10 +113,12 @@ def main() -> int:
             cluster.stop_all()
 
     snapshots = []
+    windows = []
     for end in (e for e in events if e.get("event") == "snapshot_written"):
         start = max((e for e in events if e.get("event") == "snapshot_started"
                      and e["node"] == end["node"] and e["time"] <= end["time"]),
                     key=lambda e: e["time"])
+        windows.append((start["time"], end["time"]))
         during = [latency for when, latency in probes if start["time"] <= when <= end["time"]]
         snapshots.append({
             "node": end["node"], "bytes": int(end["bytes"]), "duration_ms": int(end["duration_ms"]),
@@ -126,12 +128,6 @@ def main() -> int:
     first_leader = next((e["time"] for e in events if e.get("to") == "leader"), None)
     elections = [e for e in events if e.get("event") == "role_changed" and e.get("to") == "candidate"
                  and first_leader is not None and e["time"] > first_leader]
-    windows = []
-    for end in (e for e in events if e.get("event") == "snapshot_written"):
-        start = max((e for e in events if e.get("event") == "snapshot_started"
-                     and e["node"] == end["node"] and e["time"] <= end["time"]),
-                    key=lambda e: e["time"])
-        windows.append((start["time"], end["time"]))
     transfers = [e["time"] for e in events if e.get("event") == "leadership_transfer"]
     election_details = [{
         "node": e["node"],
