@@ -106,7 +106,7 @@ def from_rpc_error(error: grpc.RpcError) -> RaftMQError:
     message = error.details() or str(code)  # type: ignore[attr-defined]
     info = error_info_of(error)
     if info is None:
-        # Transport failures (node down, deadline hit before any answer)
+        # Transport failures (node down, deadline passed before any response)
         # carry no ErrorInfo; UNAVAILABLE and DEADLINE_EXCEEDED are worth a retry.
         transient = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         reason = "LEADER_NOT_AVAILABLE" if transient else "INTERNAL_ERROR"

@@ -4,7 +4,7 @@ and the last reported leader of each partition.
 Commands are small JSON documents. Placement (which nodes host a partition
 and on which Raft port) is computed inside apply from the state alone, so
 two racing CREATE_TOPIC commands can never hand out the same port; the
-request handler only pre-checks to give a fast answer.
+request handler only pre-checks to fail fast.
 
 An in-memory view of the whole state is rebuilt after every applied command
 and swapped in one assignment, so readers on other threads never see a half

@@ -1,7 +1,7 @@
 """Server side of the `raftmq` command: `raftmq node` and `raftmq cluster up`.
 
 The client commands (topic, produce, consume, cluster status) live in
-raftmq.client.cli; this module adds the commands that run node processes
+raftmq.client.cli. This module adds the commands that run node processes
 and is the console entry point.
 """
 

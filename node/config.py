@@ -119,7 +119,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raft-log-compaction-min-interval-ms", type=int,
                         help="snapshot a Raft group at least this often, in ms")
     parser.add_argument("--raft-log-compaction-max-journal-bytes", type=int,
-                        help="snapshot a Raft group once its journal holds this many bytes")
+                        help="snapshot a Raft group once its journal reaches this many bytes")
     parser.add_argument("--fsync-policy", choices=("always", "interval", "never"),
                         help="when the journal and state are fsynced (default interval)")
     parser.add_argument("--fsync-interval-ms", type=int,

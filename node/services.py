@@ -374,8 +374,8 @@ class ConsumerServicer(_Base, raftmq_pb2_grpc.ConsumerServiceServicer):
                 offset=offset, log_start_offset=store.log_start_offset,
                 high_watermark=store.high_watermark,
             )
-        # Leave room before the call's deadline to send the (possibly empty)
-        # answer, so a long poll ends with a response, not DEADLINE_EXCEEDED.
+        # Leave room before the call's deadline to send the response, which
+        # may be empty, so a long poll never ends in DEADLINE_EXCEEDED.
         wait_s = remaining_s(context, min(request.max_wait_ms / 1000, wait_cap_s))
         if context.time_remaining() is not None:
             wait_s = max(0.0, min(wait_s, context.time_remaining() - FETCH_DEADLINE_MARGIN_S))

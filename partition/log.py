@@ -8,7 +8,7 @@ counters: one APPEND command (one Raft entry) carries a whole batch.
 Idempotent producers: for each producer_id the store keeps the last applied
 sequence number and the offsets it got. A command that repeats that
 sequence returns the stored offsets instead of appending again, which makes
-a producer's retry after a lost answer safe.
+a producer's retry after a lost response safe.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ tests/test_raft_overrides.py also use:
   accepts, so no command takes the broken chunked path;
 - B2: each follower gets its own time budget per send round;
 - B3: a follower truncates its log only where an entry conflicts with the
-  leader's (same index, other term), as the Raft paper's AppendEntries rule
-  says, never because an append starts below its last index;
+  leader's (same index, other term), as the AppendEntries rule of the Raft
+  paper (Ongaro and Ousterhout, 2014) requires. It never truncates just
+  because an append starts below its last index;
 - B4: 4 MiB socket buffers, and POLLOUT re-armed after a partial send
   (raft.fixes);
 - B5: apply never raises (LmdbStore.apply turns every failure into a result);
@@ -62,8 +63,8 @@ class RaftSettings:
     # log_compaction_min_interval_ms after the previous one).
     log_compaction_min_entries: int = 20000
     log_compaction_min_interval_ms: int = 300_000
-    # Also snapshot once the journal holds this many bytes of commands: the
-    # journal is mirrored in memory, so this bounds a group's memory too.
+    # Also snapshot once the journal contains this many bytes of commands.
+    # The journal is mirrored in memory, so this bounds a group's memory too.
     log_compaction_max_journal_bytes: int = 256 * 2**20
     fsync_policy: str = "interval"
     fsync_interval_ms: int = 200
@@ -317,9 +318,9 @@ class ReplicatedGroup(SyncObj):
         pysyncobj clears the whole journal when its first entries do not line
         up with the snapshot, which after a crash during compaction throws
         away acknowledged entries. The Raft rule for installing a snapshot is
-        used instead: when the journal holds the snapshot's last entry with
-        the same term, the entries after it stay; otherwise the journal is
-        reset to the snapshot.
+        used instead. When the journal contains the snapshot's last entry
+        with the same term, the entries after it stay. Otherwise the journal
+        is reset to the snapshot.
         """
         if not fixes.FIXES_ENABLED:
             return SyncObj._SyncObj__loadDumpFile(self, clearJournal)
@@ -369,9 +370,11 @@ class ReplicatedGroup(SyncObj):
                 self._SyncObj__raftLog.setRaftCommitIndex(commit)
 
     def _skip_entries_already_held(self, message) -> int:
-        """Drop the leading entries of an append that this log already holds
-        with the same term, and arm the truncation guard; return the last
-        index the message vouches for."""
+        """Drop the leading entries of an append that this log already contains
+        with the same term, and arm the truncation guard.
+
+        Returns the last index that the message checks against the leader's log.
+        """
         entries = message.get("entries") or []
         journal = self._SyncObj__raftLog
         first_index, last_index = journal[0][1], journal[-1][1]

@@ -3,9 +3,9 @@
 A snapshot file is the compacted LMDB copy, then pysyncobj's own data (the
 last two applied log entries and the member list, pickled), then a trailer
 that gives both lengths. The copy reads through a read transaction opened on
-the tick thread at the moment pysyncobj asks for the snapshot, so it holds
-exactly the state at the applied index that pysyncobj's data names, while
-the tick thread goes on applying and sending heartbeats. The file is written
+the tick thread at the moment pysyncobj requests the snapshot. The copy
+therefore contains exactly the state at the applied index that pysyncobj's
+data names, while the tick thread goes on applying and sending heartbeats. The file is written
 under a temporary name, fsynced and renamed, so a kill -9 mid-write leaves
 the previous snapshot in place.
 
@@ -71,8 +71,11 @@ def fsync_rename(source: str, target: str) -> None:
 
 
 class AsyncSnapshotSerializer:
-    """Drop-in for pysyncobj's Serializer that never blocks the tick thread
-    for the length of a copy and never forks."""
+    """Drop-in for pysyncobj's Serializer that copies in a thread and never forks.
+
+    The tick thread waits for a copy in progress only when it installs a
+    snapshot received from the leader or loads one at start-up.
+    """
 
     def __init__(self, store: LmdbStore, path: str, transmission_batch_bytes: int, log_prefix: str):
         self._store = store

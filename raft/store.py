@@ -99,7 +99,8 @@ class LmdbStore:
         return self._applied_index
 
     def apply(self, index: RaftIndex, command: bytes) -> Any:
-        """Apply one committed command; never raises.
+        """Apply one committed command; never raises (it exits the process if
+        even the applied index cannot be written).
 
         Returns None for an index already applied (a journal replay after a
         restart, whose callers are gone), the subclass's result otherwise, or
