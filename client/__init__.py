@@ -7,7 +7,7 @@ from .admin import (
     PartitionDescription,
     TopicDescription,
 )
-from .consumer import Consumer
+from .consumer import CommitFailedError, Consumer
 from .errors import BufferFullError, NotLeaderError, ProducerClosedError, RaftMQError
 from .producer import Producer
 from .types import ConsumerRecord, RecordMetadata, TopicPartition
@@ -16,6 +16,7 @@ __all__ = [
     "Admin",
     "BufferFullError",
     "ClusterDescription",
+    "CommitFailedError",
     "Consumer",
     "ConsumerRecord",
     "NodeDescription",

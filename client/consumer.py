@@ -1,10 +1,19 @@
-"""A consumer that reads assigned partitions from their leaders.
+"""A consumer that reads partitions from their leaders, alone or in a group.
 
-This consumer has no group: the application assigns partitions and manages
-positions itself, and nothing is committed to the cluster. poll() keeps at
-most one Fetch call in flight per partition, started asynchronously with a
-long poll of fetch_max_wait_ms, so a quiet partition never delays a busy
-one. Not thread-safe: use one Consumer per thread.
+Two modes, as in Kafka:
+
+- assign(): the application picks partitions and manages positions itself;
+  nothing is committed to the cluster.
+- subscribe(): the consumer joins a consumer group (client/group.py). The
+  group coordinator assigns partitions; poll() applies assignment changes,
+  claims new partitions (which returns the group's committed offset) and
+  commits positions (automatically every auto_commit_interval_ms, or with
+  commit()). Callbacks on_assign and on_revoke run inside poll().
+
+poll() keeps at most one Fetch call in flight per partition, started
+asynchronously with a long poll of fetch_max_wait_ms, so a quiet partition
+never delays a busy one. Not thread-safe: use one Consumer per thread
+(commit(asynchronous=True) callbacks run on the SDK's commit thread).
 """
 
 from __future__ import annotations
@@ -12,8 +21,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,11 +39,22 @@ from ._channel import (
     parse_bootstrap_servers,
 )
 from .errors import NotLeaderError, RaftMQError, from_rpc_error
+from .group import GroupMembership
 from .types import ConsumerRecord, TopicPartition
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Consumer"]
+__all__ = ["CommitFailedError", "Consumer"]
+
+PartitionCallback = Callable[[list[TopicPartition]], None]
+CommitCallback = Callable[[dict[TopicPartition, int], "RaftMQError | None"], None]
+
+# Errors after which a commit or claim must wait for a fresh assignment.
+_FENCED_REASONS = ("ILLEGAL_GENERATION", "NOT_PARTITION_OWNER", "UNKNOWN_MEMBER")
+
+
+class CommitFailedError(RaftMQError):
+    """A commit was refused because the member no longer owns the partition."""
 
 AUTO_OFFSET_RESET_VALUES = ("earliest", "latest", "none")
 
@@ -80,10 +102,27 @@ class Consumer:
         fetch_max_wait_ms: int = 500,
         max_poll_records: int = 500,
         fetch_max_bytes: int = 1048576,
-        auto_offset_reset: str = "earliest",
+        auto_offset_reset: str | None = None,
         request_timeout_ms: int = 30000,
         ssl_cafile: str | None = None,
+        group_id: str | None = None,
+        client_id: str | None = None,
+        group_instance_id: str | None = None,
+        session_timeout_ms: int = 10000,
+        heartbeat_interval_ms: int | None = None,
+        rebalance_timeout_ms: int = 30000,
+        max_poll_interval_ms: int = 300000,
+        enable_auto_commit: bool = True,
+        auto_commit_interval_ms: int = 5000,
+        assignment_strategy: str | None = None,
     ) -> None:
+        """Create a consumer; nothing is contacted until assign() or subscribe().
+
+        auto_offset_reset: where a partition without a position starts. In
+        assign() mode it defaults to "earliest". In a group it is the group's
+        setting, fixed by the group's first member; None takes the group's
+        (a new group then starts at "latest", as in Kafka).
+        """
         bootstrap_addresses = parse_bootstrap_servers(bootstrap_servers)
         self._fetch_max_wait_ms = _check_int32(
             "fetch_max_wait_ms", fetch_max_wait_ms, allow_zero=True
@@ -91,12 +130,34 @@ class Consumer:
         self._max_poll_records = _check_int32("max_poll_records", max_poll_records)
         self._fetch_max_bytes = _check_int32("fetch_max_bytes", fetch_max_bytes)
         self._request_timeout_ms = check_positive_int("request_timeout_ms", request_timeout_ms)
-        if auto_offset_reset not in AUTO_OFFSET_RESET_VALUES:
+        if auto_offset_reset is not None and auto_offset_reset not in AUTO_OFFSET_RESET_VALUES:
             raise ValueError(
                 f"auto_offset_reset must be one of {', '.join(AUTO_OFFSET_RESET_VALUES)}, "
                 f"got {auto_offset_reset!r}"
             )
-        self._auto_offset_reset = auto_offset_reset
+        self._group_reset = auto_offset_reset
+        self._auto_offset_reset = auto_offset_reset or "earliest"
+        self._group_id = group_id
+        self._client_id = client_id or f"raftmq-consumer-{uuid.uuid4().hex[:6]}"
+        self._group_instance_id = group_instance_id
+        self._session_timeout_ms = check_positive_int("session_timeout_ms", session_timeout_ms)
+        self._heartbeat_interval_ms = (
+            None if heartbeat_interval_ms is None
+            else check_positive_int("heartbeat_interval_ms", heartbeat_interval_ms))
+        self._rebalance_timeout_ms = check_positive_int("rebalance_timeout_ms", rebalance_timeout_ms)
+        self._max_poll_interval_ms = check_positive_int("max_poll_interval_ms", max_poll_interval_ms)
+        self._enable_auto_commit = bool(enable_auto_commit)
+        self._auto_commit_interval_s = check_positive_int(
+            "auto_commit_interval_ms", auto_commit_interval_ms) / 1000.0
+        self._assignment_strategy = assignment_strategy
+        self._group: GroupMembership | None = None
+        self._on_assign: PartitionCallback | None = None
+        self._on_revoke: PartitionCallback | None = None
+        # Last offset the group committed (or claimed) per owned partition.
+        self._committed: dict[TopicPartition, int] = {}
+        self._next_auto_commit = 0.0
+        self._commit_executor: ThreadPoolExecutor | None = None
+        self._auto_commit_future: Future | None = None
         self._channels = ChannelPool(
             ssl_cafile=ssl_cafile,
             max_send_message_bytes=_MIN_RECEIVE_MESSAGE_BYTES,
@@ -118,6 +179,9 @@ class Consumer:
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
         """Replace the assignment; partitions kept from the old one keep their position."""
         self._check_open()
+        if self._group is not None:
+            raise RaftMQError("assign() cannot be used after subscribe(); the group assigns "
+                              "partitions", "INVALID_REQUEST")
         new_partitions = list(partitions)
         for tp in new_partitions:
             if not isinstance(tp, TopicPartition):
@@ -177,6 +241,263 @@ class Consumer:
         """Return the high watermark (offset of the next committed record), per partition."""
         return {tp: self._offset_range(tp)[1] for tp in partitions}
 
+    # -- consumer groups -------------------------------------------------------
+
+    def subscribe(
+        self,
+        topics: Iterable[str],
+        group_id: str | None = None,
+        *,
+        on_assign: PartitionCallback | None = None,
+        on_revoke: PartitionCallback | None = None,
+    ) -> None:
+        """Join a consumer group for `topics`; the group assigns partitions.
+
+        Blocks until the first join succeeds (retrying for request_timeout_ms).
+        on_revoke(partitions) runs in poll() before the consumer gives
+        partitions up, after an automatic commit of their positions, so it
+        may commit too; on_assign(partitions) runs in poll() once new
+        partitions are claimed and positioned.
+        """
+        self._check_open()
+        if self._group is not None:
+            raise RaftMQError("subscribe() was already called; close() and create a new "
+                              "consumer to change the subscription", "INVALID_REQUEST")
+        if self._states:
+            raise RaftMQError("subscribe() cannot be used after assign()", "INVALID_REQUEST")
+        topic_list = [topics] if isinstance(topics, str) else list(topics)
+        if not topic_list or not all(isinstance(t, str) and t for t in topic_list):
+            raise ValueError(f"subscribe() needs one or more topic names, got {topic_list!r}")
+        group_id = group_id or self._group_id
+        if not group_id:
+            raise ValueError("subscribe() needs a group_id (argument or constructor)")
+        self._group_id = group_id
+        self._on_assign, self._on_revoke = on_assign, on_revoke
+        group = GroupMembership(
+            self._channels, self._metadata, group_id, topic_list,
+            client_id=self._client_id, instance_id=self._group_instance_id,
+            session_timeout_ms=self._session_timeout_ms,
+            rebalance_timeout_ms=self._rebalance_timeout_ms,
+            heartbeat_interval_ms=self._heartbeat_interval_ms,
+            max_poll_interval_ms=self._max_poll_interval_ms,
+            assignment_strategy=self._assignment_strategy,
+            auto_offset_reset=self._group_reset,
+            request_timeout_ms=self._request_timeout_ms,
+            on_change=self._fetch_completed.set,
+        )
+        group.join(time.monotonic() + self._request_timeout_ms / 1000.0)
+        group.start()
+        self._group = group
+        self._next_auto_commit = time.monotonic() + self._auto_commit_interval_s
+
+    @property
+    def member_id(self) -> str | None:
+        """This consumer's member id in its group, None before subscribe()."""
+        return self._group.member_id if self._group is not None else None
+
+    def commit(
+        self,
+        offsets: dict[TopicPartition, int] | None = None,
+        *,
+        asynchronous: bool = False,
+        callback: CommitCallback | None = None,
+    ) -> dict[TopicPartition, int] | Future:
+        """Commit offsets (by default the position of every owned partition).
+
+        An offset is the next record to consume, one past the last processed.
+        Synchronous commits return the committed offsets and raise
+        CommitFailedError when the member lost a partition. Asynchronous
+        ones return a Future and call `callback(offsets, error)` on the SDK's
+        commit thread.
+        """
+        self._check_open()
+        group = self._require_group("commit()")
+        if offsets is None:
+            offsets = self._consumed_positions()
+        else:
+            offsets = dict(offsets)
+            for tp, offset in offsets.items():
+                if not isinstance(tp, TopicPartition):
+                    raise TypeError(f"commit() keys must be TopicPartition, got {tp!r}")
+                check_positive_int(f"offset of {tp}", offset, allow_zero=True)
+        if not asynchronous:
+            return self._commit_now(group, offsets)
+        if self._commit_executor is None:
+            self._commit_executor = ThreadPoolExecutor(1, thread_name_prefix="raftmq-commit")
+
+        def run() -> dict[TopicPartition, int]:
+            try:
+                done = self._commit_now(group, offsets)
+            except RaftMQError as error:
+                if callback is not None:
+                    callback(offsets, error)
+                raise
+            if callback is not None:
+                callback(done, None)
+            return done
+
+        return self._commit_executor.submit(run)
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        """Return the group's committed offset of `tp`, or None if it has none."""
+        self._check_open()
+        self._require_group("committed()")
+        request = raftmq_pb2.FetchCommittedOffsetsRequest(
+            group_id=self._group_id, topic=tp.topic, partitions=[tp.partition])
+        response = self._group_call(tp, lambda stub: stub.FetchCommittedOffsets, request)
+        offset = response.offsets[0].offset
+        return None if offset < 0 else offset
+
+    def _require_group(self, what: str) -> GroupMembership:
+        if self._group is None:
+            raise RaftMQError(f"{what} needs a consumer group: call subscribe() first",
+                              "INVALID_REQUEST")
+        return self._group
+
+    def _commit_now(self, group: GroupMembership, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        done: dict[TopicPartition, int] = {}
+        for tp, offset in sorted(offsets.items()):
+            if self._committed.get(tp) == offset:
+                done[tp] = offset
+                continue
+            for attempt in range(3):
+                generation, owned, _ = group.snapshot()
+                if tp not in owned:
+                    raise CommitFailedError(
+                        f"cannot commit {tp}: this member no longer owns it (generation "
+                        f"{generation}); its records will be consumed again by the new owner",
+                        "NOT_PARTITION_OWNER")
+                request = raftmq_pb2.CommitOffsetRequest(
+                    group_id=group.group_id, member_id=group.member_id or "",
+                    generation=generation,
+                    partition=raftmq_pb2.TopicPartition(topic=tp.topic, partition=tp.partition),
+                    offset=offset,
+                )
+                try:
+                    response = self._group_call(tp, lambda stub: stub.CommitOffset, request)
+                except RaftMQError as error:
+                    if error.reason == "ILLEGAL_GENERATION" and attempt < 2:
+                        group.refresh()
+                        continue
+                    if error.reason in _FENCED_REASONS:
+                        raise CommitFailedError(error.message, error.reason, error.code,
+                                                error.metadata) from None
+                    raise
+                self._committed[tp] = response.offset
+                done[tp] = response.offset
+                break
+        return done
+
+    def _group_call(self, tp: TopicPartition, method, request):
+        """Call GroupService on the partition's leader, retrying retriable errors."""
+        deadline = time.monotonic() + self._request_timeout_ms / 1000.0
+        failures = 0
+        while True:
+            stub = raftmq_pb2_grpc.GroupServiceStub(self._channels.get(self._address_for(tp)))
+            try:
+                return method(stub)(request, timeout=self._request_timeout_ms / 1000.0)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+            if not (error.retriable or error.code in _RETRIABLE_CODES):
+                raise error
+            failures += 1
+            delay_s = backoff_delay_s(failures, _RETRY_BACKOFF_MS, _RETRY_BACKOFF_MAX_MS)
+            if time.monotonic() + delay_s >= deadline:
+                raise error
+            if isinstance(error, NotLeaderError) and error.leader_address:
+                self._metadata.set_leader_hint(tp.topic, tp.partition, error.leader_address)
+            else:
+                try:
+                    self._metadata.refresh(min_interval_ms=_RETRY_BACKOFF_MS)
+                except RaftMQError:
+                    pass
+            time.sleep(delay_s)
+
+    def _group_step(self) -> None:
+        """Apply the latest assignment: give up revoked partitions, claim new ones."""
+        group = self._group
+        assert group is not None
+        group.poll_called()
+        generation, owned, revoking = group.snapshot()
+        current = set(self._states)
+        giving_up = sorted((current & revoking) | (current - owned))
+        if giving_up:
+            still_owned = [tp for tp in giving_up if tp in owned]
+            if self._enable_auto_commit and still_owned:
+                positions = self._consumed_positions()
+                self._commit_quietly(group, {tp: positions[tp] for tp in still_owned
+                                             if tp in positions})
+            if self._on_revoke is not None:
+                self._on_revoke(giving_up)
+            for tp in giving_up:
+                _cancel_fetch(self._states.pop(tp))
+                self._committed.pop(tp, None)
+            self._iteration_buffer = deque(
+                r for r in self._iteration_buffer
+                if TopicPartition(r.topic, r.partition) in self._states)
+            logger.info("group %s: gave up %s", group.group_id, ", ".join(map(str, giving_up)))
+        group.release(revoking - set(self._states))
+        claimed = []
+        for tp in sorted(owned - revoking - set(self._states)):
+            request = raftmq_pb2.ClaimPartitionRequest(
+                group_id=group.group_id, member_id=group.member_id or "", generation=generation,
+                partition=raftmq_pb2.TopicPartition(topic=tp.topic, partition=tp.partition),
+            )
+            try:
+                response = self._group_call(tp, lambda stub: stub.ClaimPartition, request)
+            except RaftMQError as error:
+                if error.reason in _FENCED_REASONS:
+                    # The assignment moved on; the next heartbeat brings the new one.
+                    logger.info("group %s: claim of %s refused (%s); waiting for the new "
+                                "assignment", group.group_id, tp, error.reason)
+                    group.refresh()
+                    continue
+                if error.retriable or error.code in _RETRIABLE_CODES:
+                    logger.warning("group %s: claim of %s failed (%s); retrying in the next "
+                                   "poll", group.group_id, tp, error)
+                    continue
+                raise
+            self._states[tp] = _PartitionState(position=response.offset)
+            self._committed[tp] = response.offset
+            claimed.append(tp)
+        if claimed:
+            logger.info("group %s: generation %d, claimed %s", group.group_id, generation,
+                        ", ".join(f"{tp}@{self._committed[tp]}" for tp in claimed))
+            if self._on_assign is not None:
+                self._on_assign(claimed)
+        if self._enable_auto_commit and time.monotonic() >= self._next_auto_commit:
+            self._next_auto_commit = time.monotonic() + self._auto_commit_interval_s
+            if self._auto_commit_future is None or self._auto_commit_future.done():
+                positions = {tp: offset for tp, offset in self._consumed_positions().items()
+                             if self._committed.get(tp) != offset}
+                if positions:
+                    self._auto_commit_future = self.commit(
+                        positions, asynchronous=True, callback=self._log_auto_commit)
+
+    def _consumed_positions(self) -> dict[TopicPartition, int]:
+        """Position of each partition, minus records fetched but not yet handed
+        out by iteration, so a commit never covers a record the application
+        has not seen."""
+        positions = {tp: state.position for tp, state in self._states.items()
+                     if state.position is not None}
+        for record in self._iteration_buffer:
+            tp = TopicPartition(record.topic, record.partition)
+            if tp in positions:
+                positions[tp] = min(positions[tp], record.offset)
+        return positions
+
+    def _commit_quietly(self, group: GroupMembership, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            self._commit_now(group, offsets)
+        except RaftMQError as error:
+            logger.warning("group %s: commit before giving up partitions failed: %s",
+                           group.group_id, error)
+
+    @staticmethod
+    def _log_auto_commit(offsets: dict[TopicPartition, int], error: RaftMQError | None) -> None:
+        if error is not None:
+            logger.warning("automatic commit of %d partitions failed: %s", len(offsets), error)
+
     # -- reading -------------------------------------------------------------
 
     def poll(
@@ -199,6 +520,8 @@ class Consumer:
             # Cleared before the fetches are checked, so that a fetch that
             # completes after the check still ends the wait below.
             self._fetch_completed.clear()
+            if self._group is not None:
+                self._group_step()
             self._collect_fetches()
             records = self._drain(max_records)
             if records:
@@ -226,6 +549,20 @@ class Consumer:
         """Cancel fetches in flight and close the connections; calling it again does nothing."""
         if self._closed:
             return
+        group = self._group
+        if group is not None:
+            if self._auto_commit_future is not None:
+                try:
+                    self._auto_commit_future.result(timeout=self._request_timeout_ms / 1000.0)
+                except Exception:
+                    pass
+            if self._enable_auto_commit:
+                self._commit_quietly(group, self._consumed_positions())
+            # A static member keeps its partitions across a restart, so it
+            # does not leave; its session timeout removes it if it never returns.
+            group.close(leave=not self._group_instance_id)
+        if self._commit_executor is not None:
+            self._commit_executor.shutdown(wait=True)
         self._closed = True
         for state in self._states.values():
             _cancel_fetch(state)

@@ -35,6 +35,15 @@ REASONS: dict[str, bool] = {
     "INVALID_REQUEST": False,
     "OUT_OF_ORDER_SEQUENCE": False,
     "INTERNAL_ERROR": True,
+    # Consumer groups.
+    "INVALID_GROUP_ID": False,
+    "UNKNOWN_GROUP": False,
+    "UNKNOWN_MEMBER": False,
+    "ILLEGAL_GENERATION": False,
+    "NOT_PARTITION_OWNER": False,
+    "INCONSISTENT_GROUP_PROTOCOL": False,
+    "NO_COMMITTED_OFFSET": False,
+    "GROUP_NOT_EMPTY": False,
     # Raised by the SDK itself, never sent by a node.
     "BUFFER_FULL": True,
     "PRODUCER_CLOSED": False,

@@ -1,5 +1,6 @@
-"""Cluster metadata as a replicated state machine: nodes, topics, placement
-and the last reported leader of each partition.
+"""Cluster metadata as a replicated state machine: nodes, topics, placement,
+the last reported leader of each partition, and consumer groups
+(coordinator/groups.py).
 
 Commands are small JSON documents. Placement (which nodes host a partition
 and on which Raft port) is computed inside apply from the state alone, so
@@ -21,6 +22,8 @@ from typing import Any, NewType
 import lmdb
 
 from ..raft.store import ApplyError, LmdbStore, RaftIndex
+from . import groups as group_rules
+from .groups import GroupRecord, group_from_doc
 
 NodeId = NewType("NodeId", int)
 PartitionId = NewType("PartitionId", int)
@@ -36,6 +39,10 @@ class NodeRecord:
     raft_host: str
     raft_port_base: int
     raft_port_span: int
+    # gRPC address other nodes forward calls to, while `address` is the one
+    # clients are given. Records written before this field existed load it
+    # as `address`; empty means the same.
+    internal_address: str = ""
 
     @property
     def raft_address(self) -> str:
@@ -70,6 +77,20 @@ class MetadataView:
     nodes: dict[NodeId, NodeRecord] = field(default_factory=dict)
     topics: dict[str, TopicRecord] = field(default_factory=dict)
     leaders: dict[tuple[str, int], LeaderReport] = field(default_factory=dict)
+    groups: dict[str, GroupRecord] = field(default_factory=dict)
+
+    def partition_counts(self) -> dict[str, int]:
+        return {name: len(topic.partitions) for name, topic in self.topics.items()}
+
+
+def validate_group_id(group_id: str) -> str | None:
+    """Return why `group_id` is not a valid group id, or None when it is."""
+    if not TOPIC_NAME_PATTERN.fullmatch(group_id):
+        return (
+            f"invalid group id {group_id!r}: use 1 to 249 characters from "
+            "A-Z, a-z, 0-9, '.', '_' and '-'"
+        )
+    return None
 
 
 def validate_topic_name(name: str) -> str | None:
@@ -89,7 +110,7 @@ def encode_command(op: str, **fields: Any) -> bytes:
 
 
 class MetadataStore(LmdbStore):
-    DATABASES = (b"nodes", b"topics", b"leaders")
+    DATABASES = (b"nodes", b"topics", b"leaders", b"groups")
 
     def __init__(self, path: str, **kwargs):
         self.view = MetadataView()
@@ -109,6 +130,7 @@ class MetadataStore(LmdbStore):
             nodes[NodeId(doc["node_id"])] = NodeRecord(
                 NodeId(doc["node_id"]), doc["address"], doc["raft_host"],
                 doc["raft_port_base"], doc["raft_port_span"],
+                doc.get("internal_address") or doc["address"],
             )
         topics = {}
         for _, raw in txn.cursor(db=self.dbs[b"topics"]):
@@ -130,7 +152,11 @@ class MetadataStore(LmdbStore):
             doc = json.loads(raw)
             topic, _, partition = bytes(key).decode().rpartition("/")
             leaders[(topic, int(partition))] = LeaderReport(NodeId(doc["leader"]), doc["term"])
-        return MetadataView(nodes, topics, leaders)
+        groups = {}
+        for _, raw in txn.cursor(db=self.dbs[b"groups"]):
+            record = group_from_doc(json.loads(raw))
+            groups[record.group_id] = record
+        return MetadataView(nodes, topics, leaders, groups)
 
     # --- apply -----------------------------------------------------------
 
@@ -148,11 +174,20 @@ class MetadataStore(LmdbStore):
             return self._delete_topic(txn, doc)
         if op == "report_leader":
             return self._report_leader(txn, doc)
+        if op == "join_group":
+            return self._join_group(txn, doc)
+        if op == "leave_group":
+            return self._leave_group(txn, doc)
+        if op == "release_partitions":
+            return self._release_partitions(txn, doc)
         raise ApplyError("INVALID_REQUEST", f"unknown metadata command {op!r}")
 
     def _register_node(self, txn: lmdb.Transaction, doc: dict) -> NodeId:
         record = {key: doc[key] for key in
                   ("node_id", "address", "raft_host", "raft_port_base", "raft_port_span")}
+        # Optional: register_node commands journaled before it existed lack it.
+        if doc.get("internal_address"):
+            record["internal_address"] = doc["internal_address"]
         txn.put(str(doc["node_id"]).encode(), json.dumps(record, sort_keys=True).encode(),
                 db=self.dbs[b"nodes"])
         return NodeId(doc["node_id"])
@@ -205,6 +240,9 @@ class MetadataStore(LmdbStore):
             "max_message_bytes": doc["max_message_bytes"],
         }
         txn.put(name.encode(), json.dumps(record, sort_keys=True).encode(), db=self.dbs[b"topics"])
+        counts = self.view.partition_counts()
+        counts[name] = partitions
+        self._topics_changed(txn, name, counts, doc.get("now_ms", 0))
         return self._load_view(txn).topics[name]
 
     def _delete_topic(self, txn: lmdb.Transaction, doc: dict) -> str:
@@ -214,6 +252,9 @@ class MetadataStore(LmdbStore):
         txn.delete(name.encode(), db=self.dbs[b"topics"])
         for partition in range(len(self.view.topics[name].partitions)):
             txn.delete(f"{name}/{partition}".encode(), db=self.dbs[b"leaders"])
+        counts = self.view.partition_counts()
+        del counts[name]
+        self._topics_changed(txn, name, counts, doc.get("now_ms", 0))
         return name
 
     def _report_leader(self, txn: lmdb.Transaction, doc: dict) -> bool:
@@ -229,6 +270,51 @@ class MetadataStore(LmdbStore):
         txn.put(key, json.dumps({"leader": doc["leader"], "term": doc["term"]}).encode(),
                 db=self.dbs[b"leaders"])
         return True
+
+    # --- consumer groups -------------------------------------------------
+
+    def _group_doc(self, txn: lmdb.Transaction, group_id: str) -> dict | None:
+        raw = txn.get(group_id.encode(), db=self.dbs[b"groups"])
+        return json.loads(raw) if raw is not None else None
+
+    def _put_group(self, txn: lmdb.Transaction, doc: dict) -> None:
+        txn.put(doc["group_id"].encode(), json.dumps(doc, sort_keys=True).encode(),
+                db=self.dbs[b"groups"])
+
+    def _join_group(self, txn: lmdb.Transaction, doc: dict) -> dict:
+        problem = validate_group_id(doc["group"])
+        if problem:
+            raise ApplyError("INVALID_GROUP_ID", problem, group_id=doc["group"])
+        group, result = group_rules.apply_join(
+            self._group_doc(txn, doc["group"]), doc, self.view.partition_counts())
+        self._put_group(txn, group)
+        return result
+
+    def _leave_group(self, txn: lmdb.Transaction, doc: dict) -> list[str]:
+        group = self._group_doc(txn, doc["group"])
+        if group is None:
+            return []
+        group, removed = group_rules.apply_leave(group, doc, self.view.partition_counts())
+        if removed:
+            self._put_group(txn, group)
+        return removed
+
+    def _release_partitions(self, txn: lmdb.Transaction, doc: dict) -> list:
+        group = self._group_doc(txn, doc["group"])
+        if group is None:
+            return []
+        group, moved = group_rules.apply_release(group, doc)
+        if moved:
+            self._put_group(txn, group)
+        return moved
+
+    def _topics_changed(self, txn: lmdb.Transaction, topic: str, counts: dict[str, int],
+                        now_ms: int) -> None:
+        for group_id, record in sorted(self.view.groups.items()):
+            if any(topic in member.topics for member in record.members.values()):
+                group = group_rules.apply_topics_changed(
+                    self._group_doc(txn, group_id), counts, now_ms)
+                self._put_group(txn, group)
 
 
 def _ports_in_use(view: MetadataView) -> dict[NodeId, set[int]]:

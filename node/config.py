@@ -14,6 +14,10 @@ import os
 import tomllib
 from typing import Any
 
+# Bounds of a consumer group member's session and rebalance timeouts.
+MIN_GROUP_TIMEOUT_MS = 500
+MAX_GROUP_TIMEOUT_MS = 600_000
+
 
 @dataclasses.dataclass(frozen=True)
 class NodeConfig:
@@ -21,6 +25,9 @@ class NodeConfig:
     # Address the gRPC server binds, and the address clients are given.
     grpc_bind: str
     grpc_advertised: str
+    # Address other nodes use to forward calls to this node; it differs from
+    # grpc_advertised when clients reach the node through a published port.
+    grpc_internal: str
     # Host and first port of this node's Raft endpoints: the metadata group
     # uses raft_port_base, partition groups take ports above it.
     raft_host: str
@@ -36,6 +43,9 @@ class NodeConfig:
     fetch_max_wait_ms: int = 30_000
     produce_timeout_ms: int = 10_000
     grpc_workers: int = 32
+    # Consumer groups: defaults for members that send 0.
+    group_session_timeout_ms: int = 10_000
+    group_rebalance_timeout_ms: int = 30_000
     # Raft log compaction: snapshot after this many journal entries, or
     # after this long since the previous snapshot.
     raft_log_compaction_min_entries: int = 20000
@@ -80,6 +90,11 @@ class NodeConfig:
             raise ValueError(
                 f"invalid raft_log_compaction_min_entries {self.raft_log_compaction_min_entries}: "
                 "must be >= 2")
+        for name in ("group_session_timeout_ms", "group_rebalance_timeout_ms"):
+            value = getattr(self, name)
+            if not MIN_GROUP_TIMEOUT_MS <= value <= MAX_GROUP_TIMEOUT_MS:
+                raise ValueError(
+                    f"invalid {name} {value}: use {MIN_GROUP_TIMEOUT_MS} to {MAX_GROUP_TIMEOUT_MS}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
 
@@ -88,7 +103,8 @@ _INT_FIELDS = {
     "node_id", "raft_port_span", "default_replication_factor", "max_message_bytes",
     "max_request_bytes", "fetch_max_wait_ms", "produce_timeout_ms", "grpc_workers",
     "raft_log_compaction_min_entries", "raft_log_compaction_min_interval_ms", "fsync_interval_ms",
-    "raft_log_compaction_max_journal_bytes",
+    "raft_log_compaction_max_journal_bytes", "group_session_timeout_ms",
+    "group_rebalance_timeout_ms",
 }
 
 
@@ -98,6 +114,9 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-address", help="host:port the gRPC server binds")
     parser.add_argument("--advertised-address",
                         help="host:port clients use to reach this node (default: --grpc-address)")
+    parser.add_argument("--internal-address",
+                        help="host:port other nodes use to forward calls to this node "
+                             "(default: --advertised-address)")
     parser.add_argument("--raft-address",
                         help="host:port of this node's metadata Raft endpoint; partition "
                              "groups use the next raft_port_span - 1 ports")
@@ -114,6 +133,11 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fetch-max-wait-ms", type=int, help="maximum long-poll wait of a fetch, in ms")
     parser.add_argument("--produce-timeout-ms", type=int,
                         help="how long a produce waits for its commit before DEADLINE_EXCEEDED")
+    parser.add_argument("--group-session-timeout-ms", type=int,
+                        help="default session timeout of consumer group members, in ms")
+    parser.add_argument("--group-rebalance-timeout-ms", type=int,
+                        help="default time a member may keep a partition it was told to "
+                             "give up, in ms")
     parser.add_argument("--raft-log-compaction-min-entries", type=int,
                         help="snapshot a Raft group after this many journal entries")
     parser.add_argument("--raft-log-compaction-min-interval-ms", type=int,
@@ -178,10 +202,12 @@ def _build(values: dict[str, Any]) -> NodeConfig:
     else:
         peers = {int(k): str(v) for k, v in peers.items()}
     grpc_bind = str(need("grpc_address"))
+    grpc_advertised = str(values.get("advertised_address") or grpc_bind)
     fields: dict[str, Any] = {
         "node_id": need("node_id"),
         "grpc_bind": grpc_bind,
-        "grpc_advertised": str(values.get("advertised_address") or grpc_bind),
+        "grpc_advertised": grpc_advertised,
+        "grpc_internal": str(values.get("internal_address") or grpc_advertised),
         "raft_host": raft_host,
         "raft_port_base": int(raft_port),
         "peers": peers,

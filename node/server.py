@@ -90,6 +90,9 @@ class Node:
         self._reconciler: threading.Thread | None = None
         self.metadata_store: MetadataStore | None = None
         self.metadata_group: ReplicatedGroup | None = None
+        from .groups import GroupCoordinator
+
+        self.group_coordinator = GroupCoordinator(self)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -113,9 +116,11 @@ class Node:
         self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
         self._reconciler.start()
+        self.group_coordinator.start()
         logger.info("node=%d event=node_started", self.node_id)
 
     def _start_grpc(self) -> None:
+        from .groups import add_to_server as add_group_service
         from .services import AdminServicer, ConsumerServicer, ProducerServicer
 
         limit = 2 * self.config.max_request_bytes + 2**20
@@ -131,11 +136,13 @@ class Node:
         raftmq_pb2_grpc.add_ProducerServiceServicer_to_server(ProducerServicer(self), server)
         raftmq_pb2_grpc.add_ConsumerServiceServicer_to_server(ConsumerServicer(self), server)
         raftmq_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self), server)
+        add_group_service(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         service_names = (
             raftmq_pb2.DESCRIPTOR.services_by_name["ProducerService"].full_name,
             raftmq_pb2.DESCRIPTOR.services_by_name["ConsumerService"].full_name,
             raftmq_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            raftmq_pb2.DESCRIPTOR.services_by_name["GroupService"].full_name,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         )
@@ -162,6 +169,7 @@ class Node:
             self._grpc_server.stop(grace=2).wait()
         if self._reconciler is not None:
             self._reconciler.join(timeout=5)
+        self.group_coordinator.stop()
         with self._partitions_lock:
             hosted = list(self._partitions.values())
             self._partitions.clear()
@@ -228,6 +236,13 @@ class Node:
         record = self.view.nodes.get(node_id)
         return None if record is None else record.address
 
+    def internal_address_of(self, node_id: NodeId | None) -> str | None:
+        """Return the gRPC address to forward calls to `node_id` on, not the advertised one."""
+        if node_id is None:
+            return None
+        record = self.view.nodes.get(node_id)
+        return None if record is None else record.internal_address or record.address
+
     # --- reconciler ------------------------------------------------------
 
     def _reconcile_loop(self) -> None:
@@ -253,7 +268,7 @@ class Node:
     def _maybe_register(self, view: MetadataView) -> None:
         config = self.config
         wanted = NodeRecord(self.node_id, config.grpc_advertised, config.raft_host,
-                            config.raft_port_base, config.raft_port_span)
+                            config.raft_port_base, config.raft_port_span, config.grpc_internal)
         if view.nodes.get(self.node_id) == wanted:
             return
         now = time.monotonic()
@@ -263,11 +278,12 @@ class Node:
         command = encode_command(
             "register_node", node_id=self.node_id, address=wanted.address,
             raft_host=wanted.raft_host, raft_port_base=wanted.raft_port_base,
-            raft_port_span=wanted.raft_port_span,
+            raft_port_span=wanted.raft_port_span, internal_address=wanted.internal_address,
         )
         try:
             self.submit_metadata(command, METADATA_COMMAND_TIMEOUT_S)
-            logger.info("node=%d event=node_registered address=%s", self.node_id, wanted.address)
+            logger.info("node=%d event=node_registered address=%s internal_address=%s",
+                        self.node_id, wanted.address, wanted.internal_address)
         except Exception as exc:
             logger.warning("node=%d event=register_retry error=%r", self.node_id, exc)
 

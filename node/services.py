@@ -156,10 +156,10 @@ class _Base:
         )
 
     def leader_address_to_forward(self, topic: TopicRecord, partition: int, context) -> str:
-        """Return the leader's gRPC address, or raise if this call must not be forwarded."""
+        """Return the leader's internal gRPC address, or raise if this call must not be forwarded."""
         forwarded = dict(context.invocation_metadata()).get(FORWARDED_HEADER)
         leader = self.node.partition_leader(topic, partition)
-        address = self.node.grpc_address_of(leader)
+        address = self.node.internal_address_of(leader)
         if forwarded or address is None or leader == self.node.node_id:
             raise self.not_leader(topic, partition)
         return address
@@ -469,6 +469,7 @@ class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
         record = self.metadata_submit(encode_command(
             "create_topic", name=request.name, partitions=request.partitions,
             replication_factor=replication_factor, max_message_bytes=max_message_bytes,
+            now_ms=time.time_ns() // 1_000_000,
         ), context)
         logger.info("node=%d topic=%s partitions=%d replication_factor=%d event=topic_created",
                     self.node.node_id, request.name, request.partitions, replication_factor)
@@ -494,7 +495,8 @@ class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
     @handle
     def DeleteTopic(self, request, context):
         self.topic(request.name)
-        self.metadata_submit(encode_command("delete_topic", name=request.name), context)
+        self.metadata_submit(encode_command(
+            "delete_topic", name=request.name, now_ms=time.time_ns() // 1_000_000), context)
         logger.info("node=%d topic=%s event=topic_deleted", self.node.node_id, request.name)
         return raftmq_pb2.DeleteTopicResponse()
 

@@ -21,14 +21,20 @@ An APPEND command is a fixed header followed by `record_count` records:
     append_time_ms int64  (stamped by the leader; used when a record has
                            timestamp_ms == 0)
     record_count  uint32
+
+A GROUP command (consumer group cursors: claim, commit, reset) is the kind
+byte COMMAND_GROUP followed by a UTF-8 JSON object; it is small and rare
+next to appends, so readability wins over size.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass, field
 
 COMMAND_APPEND = 1
+COMMAND_GROUP = 2
 
 _RECORD_TIMESTAMP = struct.Struct(">q")
 _INT32 = struct.Struct(">i")
@@ -169,6 +175,22 @@ def decode_append(data: bytes) -> AppendCommand:
     if pos != len(view):
         raise CodecError(f"{len(view) - pos} trailing bytes after {count} records")
     return AppendCommand(tuple(records), producer_id, sequence, append_time_ms, tuple(encoded))
+
+
+def encode_group_command(op: str, **fields: object) -> bytes:
+    return bytes([COMMAND_GROUP]) + json.dumps({"op": op, **fields}, sort_keys=True).encode()
+
+
+def decode_group_command(data: bytes) -> dict:
+    if command_kind(data) != COMMAND_GROUP:
+        raise CodecError(f"command kind {data[0]} is not GROUP")
+    try:
+        doc = json.loads(data[1:])
+    except ValueError as exc:
+        raise CodecError(f"group command is not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or "op" not in doc:
+        raise CodecError("group command lacks an op")
+    return doc
 
 
 def command_kind(data: bytes) -> int:

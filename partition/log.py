@@ -9,6 +9,13 @@ Idempotent producers: for each producer_id the store keeps the last applied
 sequence number and the offsets it got. A command that repeats that
 sequence returns the stored offsets instead of appending again, which makes
 a producer's retry after a lost response safe.
+
+Consumer group cursors: for each group the store keeps the committed offset
+and the member that claimed the partition last, with the generation of that
+claim. A claim by a later generation takes the partition over; from then on
+only that member may commit, so a member that lost the partition in a
+rebalance is fenced here even if its request was already on the way. A
+commit never moves the offset backwards; only a reset does.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ class FetchResult:
 
 
 class PartitionStore(LmdbStore):
-    DATABASES = (b"records", b"producers")
+    DATABASES = (b"records", b"producers", b"cursors")
 
     def __init__(self, path: str, **kwargs):
         self._appended = threading.Condition()
@@ -79,12 +86,89 @@ class PartitionStore(LmdbStore):
     def _apply(self, txn: lmdb.Transaction, index: RaftIndex, command: bytes):
         try:
             kind = codec.command_kind(command)
+            if kind == codec.COMMAND_GROUP:
+                return self._apply_group(txn, codec.decode_group_command(command))
             if kind != codec.COMMAND_APPEND:
                 raise ApplyError("INVALID_REQUEST", f"unknown partition command kind {kind}")
             append = codec.decode_append(command)
         except codec.CodecError as exc:
             raise ApplyError("INVALID_REQUEST", f"undecodable partition command: {exc}") from exc
         return self._apply_append(txn, append)
+
+    # --- consumer group cursors ------------------------------------------
+
+    def cursor(self, group_id: str) -> dict | None:
+        """The group's cursor: committed (offset or None), metadata, owner, generation."""
+
+        def read(txn: lmdb.Transaction) -> dict | None:
+            raw = txn.get(group_id.encode(), db=self.dbs[b"cursors"])
+            return json.loads(raw) if raw is not None else None
+
+        return self.read(read)
+
+    def _apply_group(self, txn: lmdb.Transaction, doc: dict) -> dict:
+        cursors = self.dbs[b"cursors"]
+        key = doc["group"].encode()
+        raw = txn.get(key, db=cursors)
+        cursor = json.loads(raw) if raw is not None else {
+            "committed": None, "metadata": "", "owner": "", "generation": -1,
+        }
+        op = doc["op"]
+        if op == "claim":
+            if doc["generation"] < cursor["generation"]:
+                raise ApplyError(
+                    "ILLEGAL_GENERATION",
+                    f"generation {doc['generation']} of group {doc['group']!r} is older than "
+                    f"the claim of generation {cursor['generation']}; send a heartbeat to learn "
+                    "the current assignment",
+                    generation=doc["generation"], current_generation=cursor["generation"],
+                )
+            if cursor["committed"] is None:
+                reset = doc["reset"]
+                if reset == "none":
+                    raise ApplyError(
+                        "NO_COMMITTED_OFFSET",
+                        f"group {doc['group']!r} has no committed offset here and its "
+                        "auto_offset_reset is 'none'; reset the group's offsets first "
+                        "(raftmq group reset-offsets)", group_id=doc["group"],
+                    )
+                cursor["committed"] = (self._log_start_offset if reset == "earliest"
+                                       else self._next_offset)
+            cursor["owner"] = doc["member"]
+            cursor["generation"] = doc["generation"]
+        elif op == "commit":
+            if cursor["owner"] != doc["member"] or doc["generation"] < cursor["generation"]:
+                raise ApplyError(
+                    "NOT_PARTITION_OWNER",
+                    f"member {doc['member']!r} of group {doc['group']!r} does not own this "
+                    f"partition (claimed by {cursor['owner'] or 'nobody'!r} in generation "
+                    f"{cursor['generation']}); rejoin or heartbeat to learn the assignment",
+                    member_id=doc["member"], owner=cursor["owner"],
+                )
+            offset = doc["offset"]
+            if not 0 <= offset <= self._next_offset:
+                raise ApplyError(
+                    "INVALID_OFFSET",
+                    f"cannot commit offset {offset}: the partition's offsets run from 0 to "
+                    f"the high watermark {self._next_offset}", offset=offset,
+                    high_watermark=self._next_offset,
+                )
+            if cursor["committed"] is None or offset > cursor["committed"]:
+                cursor["committed"] = offset
+                cursor["metadata"] = doc.get("metadata", "")
+        elif op == "reset":
+            target = doc["target"]
+            if target == "earliest":
+                cursor["committed"] = self._log_start_offset
+            elif target == "latest":
+                cursor["committed"] = self._next_offset
+            else:
+                cursor["committed"] = max(self._log_start_offset, min(int(target), self._next_offset))
+            cursor["metadata"] = ""
+        else:
+            raise ApplyError("INVALID_REQUEST", f"unknown group command {op!r}")
+        txn.put(key, json.dumps(cursor, sort_keys=True).encode(), db=cursors)
+        return cursor
 
     def _apply_append(self, txn: lmdb.Transaction, command: codec.AppendCommand) -> AppendResult:
         producers = self.dbs[b"producers"]

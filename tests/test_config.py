@@ -218,3 +218,18 @@ def test_integer_env_value_parsed():
 def test_malformed_raft_address_names_setting(raft_address):
     with pytest.raises(ValueError, match=f"invalid raft_address {re.escape(repr(raft_address))}"):
         load(with_flag("--raft-address", raft_address))
+
+
+def test_internal_address_defaults_to_advertised_address():
+    config = load(REQUIRED_FLAGS + ["--advertised-address", "127.0.0.1:19092"])
+    assert config.grpc_internal == "127.0.0.1:19092"
+
+
+def test_internal_address_from_each_source(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text('internal_address = "node1:9092"\n', encoding="utf-8")
+    assert load(REQUIRED_FLAGS + ["--config", str(path)]).grpc_internal == "node1:9092"
+    environ = {**SECRET_ENV, "RAFTMQ_INTERNAL_ADDRESS": "node2:9092"}
+    assert load(REQUIRED_FLAGS + ["--config", str(path)], environ).grpc_internal == "node2:9092"
+    flags = REQUIRED_FLAGS + ["--config", str(path), "--internal-address", "node3:9092"]
+    assert load(flags, environ).grpc_internal == "node3:9092"

@@ -449,3 +449,20 @@ def test_reopened_store_keeps_allocating_free_ports(tmp_path):
         assert topic.partitions[0].raft_ports == {1: RAFT_PORT_BASE + 3}
     finally:
         reopened.close()
+
+
+def test_register_node_stores_internal_address(commands, store):
+    commands.apply(
+        "register_node", node_id=1, address="127.0.0.1:19092", raft_host="node1",
+        raft_port_base=RAFT_PORT_BASE, raft_port_span=RAFT_PORT_SPAN,
+        internal_address="node1:9092",
+    )
+    record = store.view.nodes[1]
+    assert record.address == "127.0.0.1:19092"
+    assert record.internal_address == "node1:9092"
+
+
+def test_node_record_without_internal_address_loads(commands, store):
+    # A register_node command journaled before internal_address existed.
+    commands.register_node(1)
+    assert store.view.nodes[1].internal_address == store.view.nodes[1].address

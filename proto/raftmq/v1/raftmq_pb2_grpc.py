@@ -503,3 +503,422 @@ class AdminService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class GroupServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.JoinGroup = channel.unary_unary(
+                '/raftmq.v1.GroupService/JoinGroup',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.JoinGroupRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.JoinGroupResponse.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/raftmq.v1.GroupService/Heartbeat',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
+        self.LeaveGroup = channel.unary_unary(
+                '/raftmq.v1.GroupService/LeaveGroup',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.LeaveGroupRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.LeaveGroupResponse.FromString,
+                _registered_method=True)
+        self.ClaimPartition = channel.unary_unary(
+                '/raftmq.v1.GroupService/ClaimPartition',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.ClaimPartitionRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ClaimPartitionResponse.FromString,
+                _registered_method=True)
+        self.CommitOffset = channel.unary_unary(
+                '/raftmq.v1.GroupService/CommitOffset',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.CommitOffsetRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.CommitOffsetResponse.FromString,
+                _registered_method=True)
+        self.FetchCommittedOffsets = channel.unary_unary(
+                '/raftmq.v1.GroupService/FetchCommittedOffsets',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.FetchCommittedOffsetsRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.FetchCommittedOffsetsResponse.FromString,
+                _registered_method=True)
+        self.ListGroups = channel.unary_unary(
+                '/raftmq.v1.GroupService/ListGroups',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.ListGroupsRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ListGroupsResponse.FromString,
+                _registered_method=True)
+        self.DescribeGroup = channel.unary_unary(
+                '/raftmq.v1.GroupService/DescribeGroup',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeGroupRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeGroupResponse.FromString,
+                _registered_method=True)
+        self.ResetOffsets = channel.unary_unary(
+                '/raftmq.v1.GroupService/ResetOffsets',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsResponse.FromString,
+                _registered_method=True)
+
+
+class GroupServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def JoinGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaveGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimPartition(self, request, context):
+        """Takes ownership of one assigned partition in the partition's Raft
+        group, which fences commits from its previous owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitOffset(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchCommittedOffsets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetOffsets(self, request, context):
+        """Only for a group without members.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GroupServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'JoinGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinGroup,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.JoinGroupRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.JoinGroupResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.HeartbeatRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'LeaveGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveGroup,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.LeaveGroupRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.LeaveGroupResponse.SerializeToString,
+            ),
+            'ClaimPartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimPartition,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ClaimPartitionRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.ClaimPartitionResponse.SerializeToString,
+            ),
+            'CommitOffset': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitOffset,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.CommitOffsetRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.CommitOffsetResponse.SerializeToString,
+            ),
+            'FetchCommittedOffsets': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchCommittedOffsets,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.FetchCommittedOffsetsRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.FetchCommittedOffsetsResponse.SerializeToString,
+            ),
+            'ListGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGroups,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ListGroupsRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.ListGroupsResponse.SerializeToString,
+            ),
+            'DescribeGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeGroup,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeGroupRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.DescribeGroupResponse.SerializeToString,
+            ),
+            'ResetOffsets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetOffsets,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'raftmq.v1.GroupService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('raftmq.v1.GroupService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class GroupService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def JoinGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/JoinGroup',
+            raftmq_dot_v1_dot_raftmq__pb2.JoinGroupRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.JoinGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/Heartbeat',
+            raftmq_dot_v1_dot_raftmq__pb2.HeartbeatRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/LeaveGroup',
+            raftmq_dot_v1_dot_raftmq__pb2.LeaveGroupRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.LeaveGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimPartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/ClaimPartition',
+            raftmq_dot_v1_dot_raftmq__pb2.ClaimPartitionRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.ClaimPartitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitOffset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/CommitOffset',
+            raftmq_dot_v1_dot_raftmq__pb2.CommitOffsetRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.CommitOffsetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchCommittedOffsets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/FetchCommittedOffsets',
+            raftmq_dot_v1_dot_raftmq__pb2.FetchCommittedOffsetsRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.FetchCommittedOffsetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/ListGroups',
+            raftmq_dot_v1_dot_raftmq__pb2.ListGroupsRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.ListGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/DescribeGroup',
+            raftmq_dot_v1_dot_raftmq__pb2.DescribeGroupRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.DescribeGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetOffsets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/ResetOffsets',
+            raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
