@@ -1,4 +1,5 @@
-"""Topic and cluster administration over AdminService.
+"""Topic, cluster and consumer group administration over AdminService and
+GroupService.
 
 Any node serves admin calls: a node that is not the controller forwards
 them. A call therefore goes to the first node that accepts a connection,
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -17,10 +18,15 @@ from raftmq.v1 import raftmq_pb2, raftmq_pb2_grpc
 
 from ._channel import ChannelPool, MetadataCache, check_positive_int, parse_bootstrap_servers
 from .errors import NotLeaderError, RaftMQError, from_rpc_error
+from .types import TopicPartition
 
 __all__ = [
     "Admin",
     "ClusterDescription",
+    "GroupDescription",
+    "GroupMember",
+    "GroupPartition",
+    "GroupSummary",
     "NodeDescription",
     "PartitionDescription",
     "TopicDescription",
@@ -76,8 +82,52 @@ class ClusterDescription:
     node_id: int
 
 
+@dataclass(frozen=True)
+class GroupSummary:
+    group_id: str
+    # "stable", "rebalancing" (a partition is being handed over) or "empty".
+    state: str
+    members: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    member_id: str
+    instance_id: str
+    client_id: str
+    topics: tuple[str, ...]
+    partitions: tuple[TopicPartition, ...]
+    # Partitions the member still owns but was asked to give up.
+    revoking: tuple[TopicPartition, ...]
+
+
+@dataclass(frozen=True)
+class GroupPartition:
+    topic: str
+    partition: int
+    # Owner's member id, "" when none.
+    member_id: str
+    # None when the group has no committed offset for the partition.
+    committed_offset: int | None
+    high_watermark: int
+    # None when nothing is committed.
+    lag: int | None
+
+
+@dataclass(frozen=True)
+class GroupDescription:
+    group_id: str
+    state: str
+    generation: int
+    assignment_strategy: str
+    auto_offset_reset: str
+    members: tuple[GroupMember, ...]
+    partitions: tuple[GroupPartition, ...]
+
+
 class Admin:
-    """Create, list, describe and delete topics, and describe the cluster."""
+    """Manage topics and consumer groups, and describe the cluster."""
 
     def __init__(
         self,
@@ -153,6 +203,67 @@ class Admin:
             node_id=response.node_id,
         )
 
+    # -- consumer groups ------------------------------------------------------
+
+    def list_groups(self) -> list[GroupSummary]:
+        response = self._call(lambda stub: stub.ListGroups, raftmq_pb2.ListGroupsRequest(),
+                              raftmq_pb2_grpc.GroupServiceStub)
+        return [GroupSummary(g.group_id, g.state, g.members, g.generation) for g in response.groups]
+
+    def describe_group(self, group_id: str) -> GroupDescription:
+        """Members, assignment, and committed offset and lag of every partition."""
+        response = self._call(lambda stub: stub.DescribeGroup,
+                              raftmq_pb2.DescribeGroupRequest(group_id=group_id),
+                              raftmq_pb2_grpc.GroupServiceStub)
+        return GroupDescription(
+            group_id=response.group_id, state=response.state, generation=response.generation,
+            assignment_strategy=response.assignment_strategy,
+            auto_offset_reset=response.auto_offset_reset,
+            members=tuple(
+                GroupMember(
+                    m.member_id, m.instance_id, m.client_id, tuple(m.topics),
+                    tuple(TopicPartition(tp.topic, tp.partition) for tp in m.partitions),
+                    tuple(TopicPartition(tp.topic, tp.partition) for tp in m.revoking),
+                )
+                for m in response.members
+            ),
+            partitions=tuple(
+                GroupPartition(
+                    p.topic, p.partition, p.member_id,
+                    None if p.committed_offset < 0 else p.committed_offset,
+                    p.high_watermark, None if p.lag < 0 else p.lag,
+                )
+                for p in response.partitions
+            ),
+        )
+
+    def reset_offsets(
+        self,
+        group_id: str,
+        topic: str,
+        to: str | int,
+        partitions: Sequence[int] | None = None,
+    ) -> dict[int, int]:
+        """Set the committed offsets of a group without members.
+
+        `to` is "earliest", "latest" or an offset (clamped to the partition's
+        range). Returns partition -> committed offset.
+        """
+        _check_topic_name(topic)
+        request = raftmq_pb2.ResetOffsetsRequest(
+            group_id=group_id, topic=topic, partitions=list(partitions or ()))
+        if to == "earliest":
+            request.to_earliest = True
+        elif to == "latest":
+            request.to_latest = True
+        elif isinstance(to, int) and not isinstance(to, bool):
+            request.to_offset = to
+        else:
+            raise ValueError(f"to must be 'earliest', 'latest' or an int offset, got {to!r}")
+        response = self._call(lambda stub: stub.ResetOffsets, request,
+                              raftmq_pb2_grpc.GroupServiceStub)
+        return {o.partition: o.offset for o in response.offsets}
+
     def close(self) -> None:
         self._channels.close()
 
@@ -164,8 +275,9 @@ class Admin:
 
     def _call(
         self,
-        method_of: Callable[[raftmq_pb2_grpc.AdminServiceStub], Callable[..., ResponseT]],
+        method_of: Callable[[Any], Callable[..., ResponseT]],
         request: object,
+        stub_type: type = raftmq_pb2_grpc.AdminServiceStub,
     ) -> ResponseT:
         """Send `request` to each known node in turn until one is reachable."""
         addresses = self._metadata.candidate_addresses()
@@ -176,7 +288,7 @@ class Admin:
         while index < len(addresses):
             address = addresses[index]
             index += 1
-            stub = raftmq_pb2_grpc.AdminServiceStub(self._channels.get(address))
+            stub = stub_type(self._channels.get(address))
             try:
                 return method_of(stub)(request, timeout=self._request_timeout_s)
             except grpc.RpcError as rpc_error:

@@ -63,6 +63,7 @@ def build_parser(server_commands: ServerCommands | None = None) -> argparse.Argu
     _add_topic_commands(commands)
     _add_produce_command(commands)
     _add_consume_command(commands)
+    _add_group_commands(commands)
     cluster = commands.add_parser("cluster", help="inspect the cluster")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
     status = cluster_commands.add_parser(
@@ -184,11 +185,47 @@ def _add_consume_command(commands: argparse._SubParsersAction) -> None:
         metavar="T",
         help="exit when no record arrived for T milliseconds (default: wait forever)",
     )
+    consume.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="consume as a member of consumer group GROUP: the group assigns partitions and "
+        "the offsets of printed records are committed",
+    )
     consume.add_argument("--print-key", action="store_true", help="print KEY<TAB> before each value")
     consume.add_argument(
         "--print-offset", action="store_true", help="print PARTITION:OFFSET<TAB> before each record"
     )
     consume.set_defaults(func=_consume)
+
+
+def _add_group_commands(commands: argparse._SubParsersAction) -> None:
+    group = commands.add_parser("group", help="list, describe or reset consumer groups")
+    actions = group.add_subparsers(dest="group_command", metavar="ACTION", required=True)
+
+    list_ = actions.add_parser("list", help="print each group with its state and member count")
+    list_.set_defaults(func=_group_list)
+
+    describe = actions.add_parser(
+        "describe", help="show a group's members, assignment, committed offsets and lag"
+    )
+    describe.add_argument("group", metavar="GROUP")
+    describe.set_defaults(func=_group_describe)
+
+    reset = actions.add_parser(
+        "reset-offsets", help="set the committed offsets of a group that has no members"
+    )
+    reset.add_argument("group", metavar="GROUP")
+    reset.add_argument("--topic", required=True, metavar="TOPIC")
+    reset.add_argument(
+        "--partition", type=_non_negative_int, action="extend", nargs="+", metavar="P",
+        help="partitions to reset (default: all partitions of the topic)",
+    )
+    target = reset.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to-earliest", action="store_true", help="the oldest stored record")
+    target.add_argument("--to-latest", action="store_true", help="the end of each partition")
+    target.add_argument("--to-offset", type=_non_negative_int, metavar="N",
+                        help="offset N (clamped to each partition's range)")
+    reset.set_defaults(func=_group_reset)
 
 
 def _positive_int(text: str) -> int:
@@ -251,6 +288,55 @@ def _topic_describe(args: argparse.Namespace) -> int:
         f"{topic.replication_factor}, max message bytes {limit}, id {topic.topic_id}"
     )
     print(format_table(_PARTITION_COLUMNS, _partition_rows([topic], with_topic=False)))
+    return 0
+
+
+def _group_list(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        groups = admin.list_groups()
+    if not groups:
+        print("no groups")
+        return 0
+    rows = [[g.group_id, g.state, str(g.members), str(g.generation)] for g in groups]
+    print(format_table(["GROUP", "STATE", "MEMBERS", "GENERATION"], rows))
+    return 0
+
+
+def _group_describe(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        group = admin.describe_group(args.group)
+    print(
+        f"group {group.group_id}: {group.state}, generation {group.generation}, "
+        f"{len(group.members)} members, strategy {group.assignment_strategy}, "
+        f"auto_offset_reset {group.auto_offset_reset}"
+    )
+    if group.members:
+        rows = [
+            [m.member_id, m.instance_id or "-", ",".join(m.topics),
+             " ".join(str(tp) for tp in m.partitions) or "-",
+             " ".join(str(tp) for tp in m.revoking) or "-"]
+            for m in group.members
+        ]
+        print(format_table(["MEMBER", "INSTANCE", "TOPICS", "PARTITIONS", "GIVING UP"], rows))
+    if group.partitions:
+        print()
+        rows = [
+            [p.topic, str(p.partition), p.member_id or "-",
+             "-" if p.committed_offset is None else str(p.committed_offset),
+             str(p.high_watermark), "-" if p.lag is None else str(p.lag)]
+            for p in group.partitions
+        ]
+        print(format_table(["TOPIC", "PARTITION", "OWNER", "COMMITTED", "HIGH WATERMARK", "LAG"],
+                           rows))
+    return 0
+
+
+def _group_reset(args: argparse.Namespace) -> int:
+    to = "earliest" if args.to_earliest else "latest" if args.to_latest else args.to_offset
+    with _admin(args) as admin:
+        offsets = admin.reset_offsets(args.group, args.topic, to, partitions=args.partition)
+    for partition, offset in sorted(offsets.items()):
+        print(f"{args.topic}[{partition}] -> {offset}")
     return 0
 
 
@@ -408,14 +494,25 @@ def _split_line(
 
 
 def _consume(args: argparse.Namespace) -> int:
+    if args.group and (args.partition or args.offset is not None):
+        print("error: --group cannot be combined with --partition or --offset; the group "
+              "assigns partitions and keeps the offsets", file=sys.stderr)
+        return 2
     consumer = Consumer(
         args.bootstrap_servers,
         request_timeout_ms=args.request_timeout_ms,
         ssl_cafile=args.ssl_cafile,
-        auto_offset_reset="earliest" if args.from_beginning else "latest",
+        auto_offset_reset=("earliest" if args.from_beginning else None if args.group else "latest"),
+        group_id=args.group,
     )
     printed = 0
     try:
+        if args.group:
+            consumer.subscribe([args.topic])
+            printed = _print_records(consumer, args)
+            consumer.close()
+            print(f"consumed {printed} records", file=sys.stderr)
+            return 0
         partitions = args.partition
         if not partitions:
             with _admin(args) as admin:
