@@ -1,7 +1,7 @@
 """Consumer group membership for the SDK consumer: join, heartbeat, leave.
 
-A background thread sends heartbeats at the interval the coordinator asks
-for, whatever the application does between polls, so a slow handler does
+A background thread sends heartbeats at the interval the coordinator
+returns, whatever the application does between polls, so a slow handler does
 not cost the member its partitions. Each heartbeat answer carries the
 member's assignment; the consumer applies it on its own thread in poll().
 
@@ -40,7 +40,7 @@ def _tps(items: Iterable[raftmq_pb2.TopicPartition]) -> frozenset[TopicPartition
 
 
 class GroupMembership:
-    """One consumer's membership in a group; thread-safe."""
+    """One consumer's membership in a group, safe to use from several threads."""
 
     def __init__(
         self,
@@ -152,7 +152,7 @@ class GroupMembership:
             logger.debug("group %s: heartbeat for refresh failed: %s", self.group_id, error)
 
     def close(self, leave: bool) -> None:
-        """Stop the thread; leave the group when asked (static members usually do not)."""
+        """Stop the heartbeat thread, then leave the group if `leave` is true."""
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:

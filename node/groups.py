@@ -7,9 +7,9 @@ was last heard from in memory. Its timer thread turns a silent member into
 a `leave_group` command and an overdue hand-over into a forced
 `release_partitions` command, with the time stamped into the command.
 
-A new coordinator knows no heartbeat times, so it counts every member as
-heard from at the moment it took over: a failover never expires a member
-early, it can only give a member up to one extra session timeout.
+A new coordinator has no heartbeat times, so it counts every member as
+heard from at the moment it took over. A failover therefore never expires a
+member early, but it can give a member up to one extra session timeout.
 
 Claims and commits are commands in the partition's own Raft group and run
 on its leader. Before building one, a handler checks the caller against its
@@ -54,7 +54,7 @@ def now_ms() -> int:
 
 
 class GroupCoordinator:
-    """Heartbeat bookkeeping and timers; active only on the metadata leader."""
+    """Heartbeat bookkeeping and timers, active only on the metadata leader."""
 
     def __init__(self, node):
         self.node = node
