@@ -150,6 +150,11 @@ def apply_join(doc: dict | None, command: dict, partition_counts: dict[str, int]
         # Static membership: the new member id takes over the old one's
         # partitions as they are, without a rebalance unless topics changed.
         topics_changed = members[replaced]["topics"] != entry["topics"]
+        # A member that already belonged to the group under its own id may
+        # bring other topics than the one it replaces.
+        own = members.get(member_id)
+        if own is not None and own["topics"] != entry["topics"]:
+            topics_changed = True
         del members[replaced]
         members[member_id] = entry
         for key, owner in list(doc["owners"].items()):
