@@ -34,6 +34,9 @@ REASONS: dict[str, bool] = {
     "REQUEST_TOO_LARGE": False,
     "INVALID_REQUEST": False,
     "OUT_OF_ORDER_SEQUENCE": False,
+    # Retriable once the backlog shrinks; not when the error has no
+    # retry_after_ms, because then the batch alone exceeds the limit.
+    "BACKLOG_FULL": True,
     "INTERNAL_ERROR": True,
     # Consumer groups.
     "INVALID_GROUP_ID": False,
@@ -44,6 +47,9 @@ REASONS: dict[str, bool] = {
     "INCONSISTENT_GROUP_PROTOCOL": False,
     "NO_COMMITTED_OFFSET": False,
     "GROUP_NOT_EMPTY": False,
+    # Per-message delivery; also the `reason` of a SettleResult.
+    "LEASE_EXPIRED": False,
+    "STALE_DELIVERY": False,
     # Raised by the SDK itself, never sent by a node.
     "BUFFER_FULL": True,
     "PRODUCER_CLOSED": False,
@@ -89,6 +95,33 @@ class BufferFullError(RaftMQError):
         super().__init__(message, reason, *args, **kwargs)
 
 
+class BacklogFullError(RaftMQError):
+    """A partition at a backlog limit rejected records (reason BACKLOG_FULL).
+
+    Raised by Producer.send() when the partition kept rejecting for
+    max_block_ms, and set on the futures of records whose batch was
+    rejected until delivery_timeout_ms ran out. `limit` names the limit hit:
+    "max_backlog_messages" or "max_backlog_bytes".
+    """
+
+    def __init__(self, message: str, reason: str = "BACKLOG_FULL", *args, **kwargs):
+        super().__init__(message, reason, *args, **kwargs)
+
+    @property
+    def limit(self) -> str:
+        return self.metadata.get("limit", "")
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        """The node's retry hint, None when the batch alone exceeds the limit."""
+        value = self.metadata.get("retry_after_ms")
+        return int(value) if value else None
+
+    @property
+    def retriable(self) -> bool:
+        return self.retry_after_ms is not None
+
+
 class ProducerClosedError(RaftMQError):
     """send() was called on a closed producer, or close() gave up on a record."""
 
@@ -125,4 +158,6 @@ def from_rpc_error(error: grpc.RpcError) -> RaftMQError:
     metadata = dict(info.metadata)
     if info.reason == "NOT_LEADER":
         return NotLeaderError(message, info.reason, code, metadata)
+    if info.reason == "BACKLOG_FULL":
+        return BacklogFullError(message, info.reason, code, metadata)
     return RaftMQError(message, info.reason, code, metadata)

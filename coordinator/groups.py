@@ -3,7 +3,8 @@
 A group is one JSON document. Its fields:
 
 - generation: raised by every change of members or assignment;
-- strategy and reset: fixed by the first join;
+- strategy, reset, delivery ("offsets" or "acks") and policy (the retry
+  policy of "acks" groups): fixed by the first join;
 - topics: every topic a member ever subscribed to, kept while the group is
   empty so its offsets can still be described and reset;
 - members: member id -> instance id, client id, topics, timeouts;
@@ -26,6 +27,7 @@ issues a `leave_group` command for a member whose session timed out.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +67,8 @@ class GroupRecord:
     # (topic, partition) -> (member the partition goes to, since when in ms)
     pending: dict[tuple[str, int], tuple[str, int]]
     topics: tuple[str, ...] = ()
+    delivery: str = "offsets"
+    policy: dict | None = None
 
     @property
     def state(self) -> str:
@@ -96,6 +100,8 @@ def group_from_doc(doc: dict[str, Any]) -> GroupRecord:
         {split_tp_key(k): v for k, v in doc["owners"].items()},
         {split_tp_key(k): (v["to"], v["since_ms"]) for k, v in doc["pending"].items()},
         tuple(doc.get("topics", ())),
+        doc.get("delivery", "offsets"),
+        doc.get("policy"),
     )
 
 
@@ -113,18 +119,28 @@ def apply_join(doc: dict | None, command: dict, partition_counts: dict[str, int]
     """Add or update a member; return (new document, the member's assignment)."""
     strategy = command.get("strategy") or ""
     reset = command.get("reset") or ""
+    delivery = command.get("delivery") or ""
+    policy = command.get("policy")
     if doc is None:
         doc = {
             "group_id": command["group"], "generation": 0,
             "strategy": strategy or "sticky", "reset": reset or "latest",
             "members": {}, "owners": {}, "pending": {},
+            "delivery": delivery or "offsets",
         }
+        if doc["delivery"] == "acks":
+            doc["policy"] = policy or command.get("default_policy")
     else:
         doc = copy.deepcopy(doc)
     if doc["strategy"] not in STRATEGIES or doc["reset"] not in RESET_POLICIES:
         raise ApplyError("INVALID_REQUEST", f"invalid group settings {doc['strategy']!r}/{doc['reset']!r}")
-    for name, asked, fixed in (("assignment strategy", strategy, doc["strategy"]),
-                               ("auto_offset_reset", reset, doc["reset"])):
+    settings = [("assignment strategy", strategy, doc["strategy"]),
+                ("auto_offset_reset", reset, doc["reset"]),
+                ("delivery_mode", delivery, doc.get("delivery", "offsets"))]
+    if policy and doc.get("delivery") == "acks":
+        settings.append(("retry policy", json.dumps(policy, sort_keys=True),
+                         json.dumps(doc.get("policy"), sort_keys=True)))
+    for name, asked, fixed in settings:
         if asked and asked != fixed:
             raise ApplyError(
                 "INCONSISTENT_GROUP_PROTOCOL",

@@ -32,6 +32,7 @@ from ..coordinator.assignment import STRATEGIES
 from ..coordinator.groups import RESET_POLICIES, GroupRecord
 from ..coordinator.metadata import TopicRecord, encode_command, validate_group_id, validate_topic_name
 from ..partition import codec
+from ..partition.delivery import BACKOFFS, DEFAULT_POLICY, MAX_ERROR_CHARS, ORDERINGS
 from ..raft.group import CommandRejected, CommitTimeout, NotLeader
 from ..v1 import raftmq_pb2, raftmq_pb2_grpc
 from .config import MAX_GROUP_TIMEOUT_MS, MIN_GROUP_TIMEOUT_MS
@@ -47,6 +48,11 @@ VIEW_CATCH_UP_S = 2.0
 GROUP_CALL_TIMEOUT_S = 10.0
 MAX_TOPICS_PER_MEMBER = 1000
 MEMBER_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,249}")
+DELIVERY_MODES = ("offsets", "acks")
+DEFAULT_RECEIVE_MAX_RECORDS = 100
+MAX_RECEIVE_MAX_RECORDS = 10_000
+MIN_LEASE_MS = 100
+MAX_LEASE_MS = 12 * 3600 * 1000
 
 
 def now_ms() -> int:
@@ -155,6 +161,60 @@ class GroupCoordinator:
                 record.owners.get((topic, partition), ""))
 
 
+def normalize_policy(policy: raftmq_pb2.RetryPolicy) -> dict:
+    """Fill defaults into a RetryPolicy and check its ranges."""
+    normalized = {
+        "backoff": policy.backoff or DEFAULT_POLICY["backoff"],
+        "initial_delay_ms": policy.initial_delay_ms or DEFAULT_POLICY["initial_delay_ms"],
+        "multiplier": policy.multiplier or DEFAULT_POLICY["multiplier"],
+        "max_delay_ms": policy.max_delay_ms or DEFAULT_POLICY["max_delay_ms"],
+        "jitter": policy.jitter,
+        "max_attempts": policy.max_attempts or DEFAULT_POLICY["max_attempts"],
+        "visibility_timeout_ms": policy.visibility_timeout_ms or DEFAULT_POLICY["visibility_timeout_ms"],
+        "ordering": policy.ordering or DEFAULT_POLICY["ordering"],
+        "dead_letter_topic": policy.dead_letter_topic,
+    }
+    checks = [
+        ("backoff", normalized["backoff"] in BACKOFFS, f"one of {', '.join(BACKOFFS)}"),
+        ("ordering", normalized["ordering"] in ORDERINGS, f"one of {', '.join(ORDERINGS)}"),
+        ("initial_delay_ms", 0 < normalized["initial_delay_ms"] <= MAX_LEASE_MS,
+         f"1 to {MAX_LEASE_MS}"),
+        ("max_delay_ms", normalized["initial_delay_ms"] <= normalized["max_delay_ms"] <= MAX_LEASE_MS,
+         f"initial_delay_ms to {MAX_LEASE_MS}"),
+        ("multiplier", 1.0 <= normalized["multiplier"] <= 100.0, "1 to 100"),
+        ("jitter", 0.0 <= normalized["jitter"] <= 1.0, "0 to 1"),
+        ("max_attempts", 1 <= normalized["max_attempts"] <= 1000, "1 to 1000"),
+        ("visibility_timeout_ms", MIN_LEASE_MS <= normalized["visibility_timeout_ms"] <= MAX_LEASE_MS,
+         f"{MIN_LEASE_MS} to {MAX_LEASE_MS}"),
+    ]
+    for name, ok, allowed in checks:
+        if not ok:
+            raise ServiceError("INVALID_REQUEST", f"invalid retry_policy.{name} "
+                               f"{normalized[name]!r}: use {allowed}", **{name: normalized[name]})
+    if normalized["dead_letter_topic"]:
+        problem = validate_topic_name(normalized["dead_letter_topic"])
+        if problem:
+            raise ServiceError("INVALID_TOPIC_NAME", f"retry_policy.dead_letter_topic: {problem}",
+                               topic=normalized["dead_letter_topic"])
+    return normalized
+
+
+def stored_record(offset: int, encoded: bytes) -> raftmq_pb2.StoredRecord:
+    record = codec.decode_record(encoded)
+    stored = raftmq_pb2.StoredRecord(
+        offset=offset, value=record.value, timestamp_ms=record.timestamp_ms,
+        headers=[raftmq_pb2.Header(key=k, value=v) for k, v in record.headers],
+    )
+    if record.key is not None:
+        stored.key = record.key
+    return stored
+
+
+def settle_result(outcome: dict) -> raftmq_pb2.SettleResult:
+    return raftmq_pb2.SettleResult(offset=outcome["offset"], reason=outcome.get("reason", ""),
+                                   message=outcome.get("message", ""))
+
+
 def _tp(topic: str, partition: int) -> raftmq_pb2.TopicPartition:
     return raftmq_pb2.TopicPartition(topic=topic, partition=partition)
 
@@ -191,6 +251,17 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
             raise ServiceError(
                 "INVALID_REQUEST", f"unknown auto_offset_reset {request.auto_offset_reset!r}; use "
                 f"one of {', '.join(RESET_POLICIES)}", auto_offset_reset=request.auto_offset_reset)
+        if request.delivery_mode and request.delivery_mode not in DELIVERY_MODES:
+            raise ServiceError(
+                "INVALID_REQUEST", f"unknown delivery_mode {request.delivery_mode!r}; use "
+                f"{' or '.join(DELIVERY_MODES)}", delivery_mode=request.delivery_mode)
+        policy = None
+        if request.HasField("retry_policy"):
+            if request.delivery_mode != "acks":
+                raise ServiceError(
+                    "INVALID_REQUEST", "a retry_policy needs delivery_mode 'acks'",
+                    delivery_mode=request.delivery_mode)
+            policy = normalize_policy(request.retry_policy)
         config = self.node.config
         session_ms = self.check_timeout("session_timeout_ms", request.session_timeout_ms,
                                         config.group_session_timeout_ms)
@@ -213,7 +284,8 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
             instance_id=request.instance_id[:249], client_id=request.client_id[:249],
             topics=sorted(set(request.topics)), session_timeout_ms=session_ms,
             rebalance_timeout_ms=rebalance_ms, strategy=request.assignment_strategy,
-            reset=request.auto_offset_reset, now_ms=now_ms(),
+            reset=request.auto_offset_reset, delivery=request.delivery_mode, policy=policy,
+            default_policy=dict(DEFAULT_POLICY), now_ms=now_ms(),
         )
         result = self.metadata_submit(command, context)
         logger.info("node=%d group=%s member=%s instance=%s generation=%d event=member_joined",
@@ -279,7 +351,7 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
                 topic, partition, lambda stub: stub.ClaimPartition, request, context)
         cursor = self.submit_cursor(hosted, topic, partition, codec.encode_group_command(
             "claim", group=request.group_id, member=request.member_id,
-            generation=request.generation, reset=record.reset,
+            generation=request.generation, reset=record.reset, delivery=record.delivery,
         ), context)
         logger.info("node=%d group=%s member=%s topic=%s partition=%d generation=%d offset=%d "
                     "event=partition_claimed", self.node.node_id, request.group_id,
@@ -295,7 +367,11 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
             raise ServiceError("INVALID_REQUEST", f"commit metadata of {len(request.metadata)} "
                                "characters is above the limit of 4096",
                                metadata_length=len(request.metadata))
-        topic, _ = self.check_owner(request, context)
+        topic, record = self.check_owner(request, context)
+        if record.delivery == "acks":
+            raise ServiceError(
+                "INVALID_REQUEST", f"group {request.group_id!r} uses delivery_mode 'acks': settle "
+                "records with Ack and Nack instead of committing offsets", group_id=request.group_id)
         partition = request.partition.partition
         hosted = self.local_leader(topic, partition)
         if hosted is None:
@@ -324,10 +400,14 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
             if hosted is not None:
                 cursor = hosted.store.cursor(group_id) or {}
                 committed = cursor.get("committed")
+                states = [e["state"] for e in hosted.store.delivery_entries(group_id).values()]
                 answers.append(raftmq_pb2.CommittedOffset(
                     partition=partition, offset=-1 if committed is None else committed,
                     metadata=cursor.get("metadata", ""), owner=cursor.get("owner", ""),
                     high_watermark=hosted.store.high_watermark,
+                    in_flight=states.count("leased"), waiting_retry=states.count("waiting"),
+                    dead_letter_pending=states.count("dead"),
+                    dead_lettered=cursor.get("dead_lettered", 0),
                 ))
                 continue
             reply = self.forward_to_partition_leader(
@@ -382,6 +462,146 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
             ))
         return raftmq_pb2.ResetOffsetsResponse(offsets=answers)
 
+    # --- per-message delivery ("acks" groups) ------------------------------------
+
+    @handle
+    def Receive(self, request, context):
+        topic, record = self.check_owner(request, context)
+        self.check_acks_group(record)
+        partition = request.partition.partition
+        if not 0 <= request.max_records <= MAX_RECEIVE_MAX_RECORDS:
+            raise ServiceError("INVALID_REQUEST", f"max_records {request.max_records} is out of "
+                               f"range: use 0 (default {DEFAULT_RECEIVE_MAX_RECORDS}) to "
+                               f"{MAX_RECEIVE_MAX_RECORDS}", max_records=request.max_records)
+        if request.max_wait_ms < 0:
+            raise ServiceError("INVALID_REQUEST", f"max_wait_ms {request.max_wait_ms} is negative",
+                               max_wait_ms=request.max_wait_ms)
+        lease_ms = self.check_lease_ms(request.visibility_timeout_ms
+                                       or record.policy["visibility_timeout_ms"])
+        hosted = self.local_leader(topic, partition)
+        if hosted is None:
+            return self.forward_to_partition_leader(
+                topic, partition, lambda stub: stub.Receive, request, context)
+        wait_s = remaining_s(context, min(request.max_wait_ms,
+                                          self.node.config.fetch_max_wait_ms) / 1000)
+        if context.time_remaining() is not None:
+            wait_s = max(0.0, min(wait_s, context.time_remaining() - 0.1))
+        deadline = time.monotonic() + wait_s
+        while True:
+            result = self.submit_cursor(hosted, topic, partition, codec.encode_group_command(
+                "receive", group=request.group_id, member=request.member_id,
+                generation=request.generation, request_id=request.request_id,
+                max_records=request.max_records or DEFAULT_RECEIVE_MAX_RECORDS,
+                lease_ms=lease_ms, policy=record.policy, now_ms=now_ms(),
+            ), context)
+            applied = hosted.store.applied_index
+            left_s = deadline - time.monotonic()
+            if result["deliveries"] or left_s <= 0:
+                break
+            if result["next_wake_ms"] is not None:
+                left_s = min(left_s, max(0.0, (result["next_wake_ms"] - now_ms()) / 1000) + 0.005)
+            # Any applied command (an append, an ack) may make a record deliverable.
+            hosted.store.wait_for_apply(applied, left_s)
+        stored = hosted.store.read_records([offset for offset, _, _ in result["deliveries"]])
+        deliveries = []
+        for offset, attempt, lease_until in result["deliveries"]:
+            encoded = stored.get(offset)
+            if encoded is None:
+                continue
+            deliveries.append(raftmq_pb2.Delivery(
+                record=stored_record(offset, encoded), attempt=attempt,
+                lease_expires_ms=lease_until))
+        return raftmq_pb2.ReceiveResponse(deliveries=deliveries)
+
+    @handle
+    def Ack(self, request, context):
+        topic, record = self.check_member(request)
+        partition = request.partition.partition
+        if not request.deliveries:
+            raise ServiceError("INVALID_REQUEST", "an ack names no deliveries")
+        hosted = self.local_leader(topic, partition)
+        if hosted is None:
+            return self.forward_to_partition_leader(
+                topic, partition, lambda stub: stub.Ack, request, context)
+        result = self.submit_cursor(hosted, topic, partition, codec.encode_group_command(
+            "ack", group=request.group_id, member=request.member_id,
+            deliveries=[[d.offset, d.attempt] for d in request.deliveries],
+            policy=record.policy, now_ms=now_ms(),
+        ), context)
+        return raftmq_pb2.AckResponse(results=[settle_result(r) for r in result["results"]])
+
+    @handle
+    def Nack(self, request, context):
+        topic, record = self.check_member(request)
+        partition = request.partition.partition
+        delay_ms = request.delay_ms if request.HasField("delay_ms") else None
+        if delay_ms is not None and not 0 <= delay_ms <= MAX_LEASE_MS:
+            raise ServiceError("INVALID_REQUEST", f"delay_ms {delay_ms} is out of range: use 0 to "
+                               f"{MAX_LEASE_MS}", delay_ms=delay_ms)
+        hosted = self.local_leader(topic, partition)
+        if hosted is None:
+            return self.forward_to_partition_leader(
+                topic, partition, lambda stub: stub.Nack, request, context)
+        result = self.submit_cursor(hosted, topic, partition, codec.encode_group_command(
+            "nack", group=request.group_id, member=request.member_id,
+            offset=request.delivery.offset, attempt=request.delivery.attempt, delay_ms=delay_ms,
+            error=request.error[:MAX_ERROR_CHARS], policy=record.policy, now_ms=now_ms(),
+        ), context)
+        if result["dead_lettered"]:
+            logger.warning("node=%d group=%s topic=%s partition=%d offset=%d attempt=%d "
+                           "event=record_dead_lettered", self.node.node_id, request.group_id,
+                           topic.name, partition, request.delivery.offset, request.delivery.attempt)
+        return raftmq_pb2.NackResponse(result=settle_result(result["results"][0]),
+                                       dead_lettered=result["dead_lettered"])
+
+    @handle
+    def ExtendLease(self, request, context):
+        topic, record = self.check_member(request)
+        partition = request.partition.partition
+        lease_ms = self.check_lease_ms(request.visibility_timeout_ms)
+        hosted = self.local_leader(topic, partition)
+        if hosted is None:
+            return self.forward_to_partition_leader(
+                topic, partition, lambda stub: stub.ExtendLease, request, context)
+        result = self.submit_cursor(hosted, topic, partition, codec.encode_group_command(
+            "extend", group=request.group_id, member=request.member_id,
+            offset=request.delivery.offset, attempt=request.delivery.attempt, lease_ms=lease_ms,
+            policy=record.policy, now_ms=now_ms(),
+        ), context)
+        outcome = result["results"][0]
+        return raftmq_pb2.ExtendLeaseResponse(result=settle_result(outcome),
+                                              lease_expires_ms=outcome.get("lease_until", 0))
+
+    def check_acks_group(self, record: GroupRecord) -> None:
+        if record.delivery != "acks":
+            raise ServiceError(
+                "INVALID_REQUEST", f"group {record.group_id!r} uses delivery_mode "
+                f"{record.delivery!r}: read with Fetch and commit offsets, or use a group created "
+                "with delivery_mode 'acks'", group_id=record.group_id)
+
+    def check_member(self, request) -> tuple[TopicRecord, GroupRecord]:
+        """Check the caller is a member of an acks group; the lease itself is checked in apply.
+
+        A member that lost the partition in a rebalance may still settle the
+        leases it holds, as with a visibility timeout in a queue.
+        """
+        self.check_group_id(request.group_id)
+        topic = self.topic(request.partition.topic)
+        self.check_partition(topic, request.partition.partition)
+        record = self.node.view.groups.get(request.group_id)
+        if record is None:
+            raise ServiceError("UNKNOWN_GROUP", f"group {request.group_id!r} does not exist",
+                               group_id=request.group_id)
+        self.check_acks_group(record)
+        return topic, record
+
+    def check_lease_ms(self, value: int) -> int:
+        if not MIN_LEASE_MS <= value <= MAX_LEASE_MS:
+            raise ServiceError(
+                "INVALID_REQUEST", f"visibility_timeout_ms {value} is out of range: use "
+                f"{MIN_LEASE_MS} to {MAX_LEASE_MS}", visibility_timeout_ms=value)
+        return value
+
     # --- inspection ------------------------------------------------------------
 
     @handle
@@ -421,11 +641,15 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
                     topic=name, partition=offset.partition,
                     member_id=record.owners.get((name, offset.partition), ""),
                     committed_offset=offset.offset, high_watermark=offset.high_watermark, lag=lag,
+                    in_flight=offset.in_flight, waiting_retry=offset.waiting_retry,
+                    dead_letter_pending=offset.dead_letter_pending,
+                    dead_lettered=offset.dead_lettered,
                 ))
         return raftmq_pb2.DescribeGroupResponse(
             group_id=record.group_id, state=record.state, generation=record.generation,
             assignment_strategy=record.strategy, auto_offset_reset=record.reset,
-            members=members, partitions=lags,
+            members=members, partitions=lags, delivery_mode=record.delivery,
+            retry_policy=raftmq_pb2.RetryPolicy(**record.policy) if record.policy else None,
         )
 
     # --- helpers ---------------------------------------------------------------

@@ -93,6 +93,9 @@ class Node:
         from .groups import GroupCoordinator
 
         self.group_coordinator = GroupCoordinator(self)
+        from .dead_letters import DeadLetterMover
+
+        self.dead_letter_mover = DeadLetterMover(self)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -117,6 +120,7 @@ class Node:
         self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
         self._reconciler.start()
         self.group_coordinator.start()
+        self.dead_letter_mover.start()
         logger.info("node=%d event=node_started", self.node_id)
 
     def _start_grpc(self) -> None:
@@ -170,6 +174,7 @@ class Node:
         if self._reconciler is not None:
             self._reconciler.join(timeout=5)
         self.group_coordinator.stop()
+        self.dead_letter_mover.stop()
         with self._partitions_lock:
             hosted = list(self._partitions.values())
             self._partitions.clear()

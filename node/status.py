@@ -34,6 +34,7 @@ REASON_CODES: dict[str, grpc.StatusCode] = {
     "REQUEST_TOO_LARGE": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "INVALID_REQUEST": grpc.StatusCode.INVALID_ARGUMENT,
     "OUT_OF_ORDER_SEQUENCE": grpc.StatusCode.FAILED_PRECONDITION,
+    "BACKLOG_FULL": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "INTERNAL_ERROR": grpc.StatusCode.INTERNAL,
     "INVALID_GROUP_ID": grpc.StatusCode.INVALID_ARGUMENT,
     "UNKNOWN_GROUP": grpc.StatusCode.NOT_FOUND,
@@ -43,6 +44,8 @@ REASON_CODES: dict[str, grpc.StatusCode] = {
     "INCONSISTENT_GROUP_PROTOCOL": grpc.StatusCode.FAILED_PRECONDITION,
     "NO_COMMITTED_OFFSET": grpc.StatusCode.FAILED_PRECONDITION,
     "GROUP_NOT_EMPTY": grpc.StatusCode.FAILED_PRECONDITION,
+    "LEASE_EXPIRED": grpc.StatusCode.FAILED_PRECONDITION,
+    "STALE_DELIVERY": grpc.StatusCode.FAILED_PRECONDITION,
 }
 assert set(REASON_CODES) <= set(REASONS), set(REASON_CODES) - set(REASONS)
 

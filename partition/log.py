@@ -16,6 +16,23 @@ claim. A claim by a later generation takes the partition over; from then on
 only that member may commit, so a member that lost the partition in a
 rebalance is fenced here even if its request was already on the way. A
 commit never moves the offset backwards; only a reset does.
+
+Backlog limits: the backlog is the records from log_start_offset to the end
+of the log, counted in records and in stored bytes (the encoded record
+sizes). The store keeps the byte count, the dropped and rejected record
+counts in its LMDB state next to the offsets, so no apply scans the log.
+The limits are not configured in the store: the leader copies the topic's
+max_backlog_messages, max_backlog_bytes and overflow_policy into every
+APPEND command (codec.COMMAND_APPEND_LIMITED), so apply stays a function of
+(state, command) and a replay enforces the limits each entry was written
+with. With "reject", an append that would take the backlog over a limit
+fails with BACKLOG_FULL and appends nothing, although the rejected record
+count is still stored. A batch larger than a limit by itself can never be
+accepted. With "drop_oldest", the append always succeeds, then the oldest
+records are deleted and log_start_offset advances until the backlog fits.
+That can delete records of the same batch when the batch alone is over a
+limit. A repeated idempotent sequence returns its first offsets before any
+limit is checked.
 """
 
 from __future__ import annotations
@@ -29,12 +46,18 @@ from typing import NewType
 import lmdb
 
 from ..raft.store import ApplyError, LmdbStore, RaftIndex
-from . import codec
+from . import codec, delivery
+
+DELIVERY_OPS = ("receive", "ack", "nack", "extend", "dlq_done")
 
 Offset = NewType("Offset", int)
 
 _U64 = struct.Struct(">Q")
 _STATE_KEY = b"log_state"
+
+# Retry hint of a BACKLOG_FULL error. It is a fixed value because the store
+# cannot know when the backlog will shrink.
+BACKLOG_FULL_RETRY_AFTER_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -44,6 +67,27 @@ class AppendResult:
     # Leader-stamped time of the append, given to records sent with timestamp 0.
     append_time_ms: int
     duplicate: bool = False
+    # Records that this append deleted under the drop_oldest policy.
+    dropped_records: int = 0
+
+
+@dataclass(frozen=True)
+class _Backlog:
+    """The counters of the log state that backlog limits use."""
+
+    # Stored bytes of the records from log_start_offset to the end of the log.
+    size_bytes: int
+    dropped_records: int
+    rejected_records: int
+
+    def with_appended(self, batch_bytes: int) -> _Backlog:
+        return _Backlog(self.size_bytes + batch_bytes, self.dropped_records, self.rejected_records)
+
+    def with_dropped(self, records: int, size_bytes: int) -> _Backlog:
+        return _Backlog(size_bytes, self.dropped_records + records, self.rejected_records)
+
+    def with_rejected(self, records: int) -> _Backlog:
+        return _Backlog(self.size_bytes, self.dropped_records, self.rejected_records + records)
 
 
 @dataclass(frozen=True)
@@ -54,7 +98,7 @@ class FetchResult:
 
 
 class PartitionStore(LmdbStore):
-    DATABASES = (b"records", b"producers", b"cursors")
+    DATABASES = (b"records", b"producers", b"cursors", b"deliveries")
 
     def __init__(self, path: str, **kwargs):
         self._appended = threading.Condition()
@@ -67,8 +111,19 @@ class PartitionStore(LmdbStore):
         self._next_offset = Offset(state["next_offset"])
         self._log_start_offset = Offset(state["log_start_offset"])
         self._staged_next_offset: Offset | None = None
+        # State written before backlog limits existed lacks these counters;
+        # its byte count is computed once here, and stored by the next append.
+        backlog_bytes = state.get("backlog_bytes")
+        if backlog_bytes is None:
+            backlog_bytes = self.read(self._scan_backlog_bytes)
+        self._backlog = _Backlog(backlog_bytes, state.get("dropped_records", 0),
+                                 state.get("rejected_records", 0))
+        self._staged_backlog: tuple[Offset, _Backlog] | None = None
 
     def _after_apply(self, committed: bool) -> None:
+        staged_backlog, self._staged_backlog = self._staged_backlog, None
+        if committed and staged_backlog is not None:
+            self._log_start_offset, self._backlog = staged_backlog
         staged, self._staged_next_offset = self._staged_next_offset, None
         if committed and staged is not None:
             self._next_offset = staged
@@ -83,12 +138,31 @@ class PartitionStore(LmdbStore):
     def log_start_offset(self) -> Offset:
         return self._log_start_offset
 
+    @property
+    def backlog_messages(self) -> int:
+        return self._next_offset - self._log_start_offset
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Stored bytes of the records from log_start_offset to the end of the log."""
+        return self._backlog.size_bytes
+
+    @property
+    def dropped_records(self) -> int:
+        """Records deleted by the drop_oldest policy since the partition was created."""
+        return self._backlog.dropped_records
+
+    @property
+    def rejected_records(self) -> int:
+        """Records of appends rejected by the reject policy, counting every attempt."""
+        return self._backlog.rejected_records
+
     def _apply(self, txn: lmdb.Transaction, index: RaftIndex, command: bytes):
         try:
             kind = codec.command_kind(command)
             if kind == codec.COMMAND_GROUP:
                 return self._apply_group(txn, codec.decode_group_command(command))
-            if kind != codec.COMMAND_APPEND:
+            if kind not in codec.APPEND_KINDS:
                 raise ApplyError("INVALID_REQUEST", f"unknown partition command kind {kind}")
             append = codec.decode_append(command)
         except codec.CodecError as exc:
@@ -103,6 +177,19 @@ class PartitionStore(LmdbStore):
         def read(txn: lmdb.Transaction) -> dict | None:
             raw = txn.get(group_id.encode(), db=self.dbs[b"cursors"])
             return json.loads(raw) if raw is not None else None
+
+        return self.read(read)
+
+    def delivery_entries(self, group_id: str) -> dict[int, dict]:
+        """Unsettled records of an acks-mode group, by offset."""
+        return self.read(lambda txn: delivery.read_entries(txn, self.dbs[b"deliveries"], group_id))
+
+    def groups_with_dead_letters(self) -> list[str]:
+        """Groups whose records wait for their move to the dead-letter topic."""
+
+        def read(txn: lmdb.Transaction) -> list[str]:
+            return [bytes(key).decode() for key, raw in txn.cursor(db=self.dbs[b"cursors"])
+                    if json.loads(raw).get("dead_pending")]
 
         return self.read(read)
 
@@ -134,9 +221,30 @@ class PartitionStore(LmdbStore):
                     )
                 cursor["committed"] = (self._log_start_offset if reset == "earliest"
                                        else self._next_offset)
+            if doc.get("delivery") == "acks":
+                cursor.setdefault("next", cursor["committed"])
+                cursor.setdefault("receives", {})
+            if cursor["owner"] != doc["member"] and "receives" in cursor:
+                # Only the owner receives, so other members' retry ids are dead.
+                cursor["receives"] = {}
             cursor["owner"] = doc["member"]
             cursor["generation"] = doc["generation"]
+        elif op in DELIVERY_OPS:
+            if cursor["committed"] is None:
+                raise ApplyError(
+                    "NOT_PARTITION_OWNER",
+                    f"group {doc['group']!r} has not claimed this partition yet; claim it first",
+                    group_id=doc["group"])
+            rules = delivery.DeliveryRules(self, txn, cursor, doc)
+            result = getattr(rules, op)()
+            txn.put(key, json.dumps(cursor, sort_keys=True).encode(), db=cursors)
+            return result
         elif op == "commit":
+            if "next" in cursor:
+                raise ApplyError(
+                    "INVALID_REQUEST",
+                    f"group {doc['group']!r} settles records with ack and nack, not offset "
+                    "commits", group_id=doc["group"])
             if cursor["owner"] != doc["member"] or doc["generation"] < cursor["generation"]:
                 raise ApplyError(
                     "NOT_PARTITION_OWNER",
@@ -165,6 +273,13 @@ class PartitionStore(LmdbStore):
             else:
                 cursor["committed"] = max(self._log_start_offset, min(int(target), self._next_offset))
             cursor["metadata"] = ""
+            if "next" in cursor:
+                # Acks mode: every unsettled record below or above the new
+                # position is forgotten, and delivery starts there.
+                delivery.delete_all(txn, self.dbs[b"deliveries"], doc["group"])
+                cursor["next"] = cursor["committed"]
+                cursor["receives"] = {}
+                cursor["dead_pending"] = 0
         else:
             raise ApplyError("INVALID_REQUEST", f"unknown group command {op!r}")
         txn.put(key, json.dumps(cursor, sort_keys=True).encode(), db=cursors)
@@ -187,6 +302,16 @@ class PartitionStore(LmdbStore):
                         f"after {last['sequence']}; restart the producer to get a new id",
                         last_sequence=last["sequence"],
                     )
+        batch_bytes = sum(len(encoded) for encoded in command.encoded_records)
+        if command.has_limits and command.overflow_policy == codec.OVERFLOW_REJECT:
+            rejection = self._backlog_rejection(command, batch_bytes)
+            if rejection is not None:
+                # Returned, not raised, so the transaction commits the
+                # rejected count; the log itself is left unchanged.
+                backlog = self._backlog.with_rejected(len(command.encoded_records))
+                self._write_log_state(txn, self._next_offset, self._log_start_offset, backlog)
+                self._staged_backlog = (self._log_start_offset, backlog)
+                return rejection
         base_offset = self._next_offset
         records = self.dbs[b"records"]
         offset = base_offset
@@ -195,6 +320,12 @@ class PartitionStore(LmdbStore):
                 encoded = codec.with_timestamp(encoded, command.append_time_ms)
             txn.put(_U64.pack(offset), encoded, db=records, append=True)
             offset += 1
+        log_start_offset = self._log_start_offset
+        backlog = self._backlog.with_appended(batch_bytes)
+        dropped = 0
+        if command.has_limits and command.overflow_policy == codec.OVERFLOW_DROP_OLDEST:
+            log_start_offset, backlog, dropped = self._drop_oldest(
+                txn, command, log_start_offset, Offset(offset), backlog)
         # NOTE: producer entries are never expired, so the table grows by one
         # small row per producer id ever seen on this partition.
         if command.producer_id:
@@ -204,11 +335,81 @@ class PartitionStore(LmdbStore):
                 "record_count": len(command.encoded_records),
                 "append_time_ms": command.append_time_ms,
             }).encode(), db=producers)
-        txn.put(_STATE_KEY, json.dumps({
-            "next_offset": offset, "log_start_offset": self._log_start_offset,
-        }).encode(), db=self._meta)
+        self._write_log_state(txn, Offset(offset), log_start_offset, backlog)
         self._staged_next_offset = Offset(offset)
-        return AppendResult(base_offset, len(command.encoded_records), command.append_time_ms)
+        self._staged_backlog = (log_start_offset, backlog)
+        return AppendResult(base_offset, len(command.encoded_records), command.append_time_ms,
+                            dropped_records=dropped)
+
+    # --- backlog limits ----------------------------------------------------
+
+    def _write_log_state(self, txn: lmdb.Transaction, next_offset: Offset,
+                         log_start_offset: Offset, backlog: _Backlog) -> None:
+        txn.put(_STATE_KEY, json.dumps({
+            "next_offset": next_offset, "log_start_offset": log_start_offset,
+            "backlog_bytes": backlog.size_bytes, "dropped_records": backlog.dropped_records,
+            "rejected_records": backlog.rejected_records,
+        }).encode(), db=self._meta)
+
+    def _backlog_rejection(self, command: codec.AppendCommand, batch_bytes: int) -> ApplyError | None:
+        """Return the BACKLOG_FULL error when the batch does not fit, else None."""
+        batch_records = len(command.encoded_records)
+        backlog_messages = self.backlog_messages
+        backlog_bytes = self._backlog.size_bytes
+        if command.max_backlog_messages and (
+                backlog_messages + batch_records > command.max_backlog_messages):
+            limit, maximum, used, needed = (
+                "max_backlog_messages", command.max_backlog_messages, backlog_messages, batch_records)
+            unit = "records"
+        elif command.max_backlog_bytes and backlog_bytes + batch_bytes > command.max_backlog_bytes:
+            limit, maximum, used, needed = (
+                "max_backlog_bytes", command.max_backlog_bytes, backlog_bytes, batch_bytes)
+            unit = "bytes"
+        else:
+            return None
+        metadata = {
+            "limit": limit, "max_backlog_messages": command.max_backlog_messages,
+            "max_backlog_bytes": command.max_backlog_bytes, "backlog_messages": backlog_messages,
+            "backlog_bytes": backlog_bytes, "batch_records": batch_records,
+            "batch_bytes": batch_bytes,
+        }
+        if needed > maximum:
+            # No retry can succeed, so the error carries no retry hint.
+            advice = (f"the batch alone is larger than the limit, so send at most {maximum} "
+                      f"{unit} per request")
+        else:
+            metadata["retry_after_ms"] = BACKLOG_FULL_RETRY_AFTER_MS
+            advice = (f"retry after {BACKLOG_FULL_RETRY_AFTER_MS} ms, or create the topic with a "
+                      "higher limit or the drop_oldest overflow policy")
+        return ApplyError(
+            "BACKLOG_FULL",
+            f"the partition backlog is full: it holds {used} {unit} and the batch adds "
+            f"{needed}, above {limit}={maximum}; {advice}",
+            **metadata,
+        )
+
+    def _drop_oldest(self, txn: lmdb.Transaction, command: codec.AppendCommand,
+                     log_start_offset: Offset, next_offset: Offset,
+                     backlog: _Backlog) -> tuple[Offset, _Backlog, int]:
+        """Delete records from the start of the log until the backlog fits the limits."""
+        max_messages, max_bytes = command.max_backlog_messages, command.max_backlog_bytes
+        size_bytes = backlog.size_bytes
+        dropped = 0
+        cursor = txn.cursor(db=self.dbs[b"records"])
+        if not cursor.set_key(_U64.pack(log_start_offset)):
+            return log_start_offset, backlog, 0
+        while log_start_offset < next_offset and (
+                (max_messages and next_offset - log_start_offset > max_messages)
+                or (max_bytes and size_bytes > max_bytes)):
+            size_bytes -= len(cursor.value())
+            cursor.delete()
+            log_start_offset = Offset(log_start_offset + 1)
+            dropped += 1
+        return log_start_offset, backlog.with_dropped(dropped, size_bytes), dropped
+
+    def _scan_backlog_bytes(self, txn: lmdb.Transaction) -> int:
+        cursor = txn.cursor(db=self.dbs[b"records"])
+        return sum(len(value) for value in cursor.iternext(keys=False, values=True))
 
     def fetch(self, offset: Offset, max_records: int, max_bytes: int) -> FetchResult:
         """Return encoded records from `offset`: at most max_records, and at
@@ -231,6 +432,24 @@ class PartitionStore(LmdbStore):
             return FetchResult(out, self._next_offset, self._log_start_offset)
 
         return self.read(read)
+
+    def read_records(self, offsets: list[int]) -> dict[int, bytes]:
+        """Return the encoded records at `offsets` that are still stored."""
+
+        def read(txn: lmdb.Transaction) -> dict[int, bytes]:
+            found = {}
+            for offset in offsets:
+                raw = txn.get(_U64.pack(offset), db=self.dbs[b"records"])
+                if raw is not None:
+                    found[offset] = bytes(raw)
+            return found
+
+        return self.read(read)
+
+    def wait_for_apply(self, applied_index: int, timeout_s: float) -> bool:
+        """Block until a command after `applied_index` applied, or timeout_s passes."""
+        with self._appended:
+            return self._appended.wait_for(lambda: self.applied_index > applied_index, timeout_s)
 
     def wait_for_offset(self, offset: Offset, timeout_s: float) -> bool:
         """Block until a record at `offset` exists or timeout_s passes."""

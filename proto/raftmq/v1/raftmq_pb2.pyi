@@ -131,10 +131,16 @@ class ListOffsetsResponse(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionOffsets, _Mapping]]] = ...) -> None: ...
 
 class TopicConfig(_message.Message):
-    __slots__ = ("max_message_bytes",)
+    __slots__ = ("max_message_bytes", "max_backlog_messages", "max_backlog_bytes", "overflow_policy")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BACKLOG_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BACKLOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_POLICY_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
-    def __init__(self, max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_backlog_messages: int
+    max_backlog_bytes: int
+    overflow_policy: str
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_backlog_messages: _Optional[int] = ..., max_backlog_bytes: _Optional[int] = ..., overflow_policy: _Optional[str] = ...) -> None: ...
 
 class CreateTopicRequest(_message.Message):
     __slots__ = ("name", "partitions", "replication_factor", "config")
@@ -149,20 +155,30 @@ class CreateTopicRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., partitions: _Optional[int] = ..., replication_factor: _Optional[int] = ..., config: _Optional[_Union[TopicConfig, _Mapping]] = ...) -> None: ...
 
 class PartitionInfo(_message.Message):
-    __slots__ = ("partition", "leader", "replicas", "in_sync_replicas", "high_watermark", "raft_term")
+    __slots__ = ("partition", "leader", "replicas", "in_sync_replicas", "high_watermark", "raft_term", "log_start_offset", "backlog_messages", "backlog_bytes", "dropped_records", "rejected_records")
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     HIGH_WATERMARK_FIELD_NUMBER: _ClassVar[int]
     RAFT_TERM_FIELD_NUMBER: _ClassVar[int]
+    LOG_START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_RECORDS_FIELD_NUMBER: _ClassVar[int]
     partition: int
     leader: int
     replicas: _containers.RepeatedScalarFieldContainer[int]
     in_sync_replicas: _containers.RepeatedScalarFieldContainer[int]
     high_watermark: int
     raft_term: int
-    def __init__(self, partition: _Optional[int] = ..., leader: _Optional[int] = ..., replicas: _Optional[_Iterable[int]] = ..., in_sync_replicas: _Optional[_Iterable[int]] = ..., high_watermark: _Optional[int] = ..., raft_term: _Optional[int] = ...) -> None: ...
+    log_start_offset: int
+    backlog_messages: int
+    backlog_bytes: int
+    dropped_records: int
+    rejected_records: int
+    def __init__(self, partition: _Optional[int] = ..., leader: _Optional[int] = ..., replicas: _Optional[_Iterable[int]] = ..., in_sync_replicas: _Optional[_Iterable[int]] = ..., high_watermark: _Optional[int] = ..., raft_term: _Optional[int] = ..., log_start_offset: _Optional[int] = ..., backlog_messages: _Optional[int] = ..., backlog_bytes: _Optional[int] = ..., dropped_records: _Optional[int] = ..., rejected_records: _Optional[int] = ...) -> None: ...
 
 class TopicInfo(_message.Message):
     __slots__ = ("name", "partitions", "replication_factor", "config", "topic_id")
@@ -285,7 +301,7 @@ class TopicPartition(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ...) -> None: ...
 
 class JoinGroupRequest(_message.Message):
-    __slots__ = ("group_id", "topics", "member_id", "instance_id", "client_id", "session_timeout_ms", "rebalance_timeout_ms", "assignment_strategy", "auto_offset_reset")
+    __slots__ = ("group_id", "topics", "member_id", "instance_id", "client_id", "session_timeout_ms", "rebalance_timeout_ms", "assignment_strategy", "auto_offset_reset", "delivery_mode", "retry_policy")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     TOPICS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +311,8 @@ class JoinGroupRequest(_message.Message):
     REBALANCE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     AUTO_OFFSET_RESET_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_MODE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     topics: _containers.RepeatedScalarFieldContainer[str]
     member_id: str
@@ -304,7 +322,31 @@ class JoinGroupRequest(_message.Message):
     rebalance_timeout_ms: int
     assignment_strategy: str
     auto_offset_reset: str
-    def __init__(self, group_id: _Optional[str] = ..., topics: _Optional[_Iterable[str]] = ..., member_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., client_id: _Optional[str] = ..., session_timeout_ms: _Optional[int] = ..., rebalance_timeout_ms: _Optional[int] = ..., assignment_strategy: _Optional[str] = ..., auto_offset_reset: _Optional[str] = ...) -> None: ...
+    delivery_mode: str
+    retry_policy: RetryPolicy
+    def __init__(self, group_id: _Optional[str] = ..., topics: _Optional[_Iterable[str]] = ..., member_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., client_id: _Optional[str] = ..., session_timeout_ms: _Optional[int] = ..., rebalance_timeout_ms: _Optional[int] = ..., assignment_strategy: _Optional[str] = ..., auto_offset_reset: _Optional[str] = ..., delivery_mode: _Optional[str] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ...) -> None: ...
+
+class RetryPolicy(_message.Message):
+    __slots__ = ("backoff", "initial_delay_ms", "multiplier", "max_delay_ms", "jitter", "max_attempts", "visibility_timeout_ms", "ordering", "dead_letter_topic")
+    BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    JITTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    VISIBILITY_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    ORDERING_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    backoff: str
+    initial_delay_ms: int
+    multiplier: float
+    max_delay_ms: int
+    jitter: float
+    max_attempts: int
+    visibility_timeout_ms: int
+    ordering: str
+    dead_letter_topic: str
+    def __init__(self, backoff: _Optional[str] = ..., initial_delay_ms: _Optional[int] = ..., multiplier: _Optional[float] = ..., max_delay_ms: _Optional[int] = ..., jitter: _Optional[float] = ..., max_attempts: _Optional[int] = ..., visibility_timeout_ms: _Optional[int] = ..., ordering: _Optional[str] = ..., dead_letter_topic: _Optional[str] = ...) -> None: ...
 
 class MemberAssignment(_message.Message):
     __slots__ = ("generation", "partitions", "revoking")
@@ -407,18 +449,26 @@ class FetchCommittedOffsetsRequest(_message.Message):
     def __init__(self, group_id: _Optional[str] = ..., topic: _Optional[str] = ..., partitions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommittedOffset(_message.Message):
-    __slots__ = ("partition", "offset", "metadata", "high_watermark", "owner")
+    __slots__ = ("partition", "offset", "metadata", "high_watermark", "owner", "in_flight", "waiting_retry", "dead_letter_pending", "dead_lettered")
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     HIGH_WATERMARK_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_RETRY_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_PENDING_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
     partition: int
     offset: int
     metadata: str
     high_watermark: int
     owner: str
-    def __init__(self, partition: _Optional[int] = ..., offset: _Optional[int] = ..., metadata: _Optional[str] = ..., high_watermark: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    in_flight: int
+    waiting_retry: int
+    dead_letter_pending: int
+    dead_lettered: int
+    def __init__(self, partition: _Optional[int] = ..., offset: _Optional[int] = ..., metadata: _Optional[str] = ..., high_watermark: _Optional[int] = ..., owner: _Optional[str] = ..., in_flight: _Optional[int] = ..., waiting_retry: _Optional[int] = ..., dead_letter_pending: _Optional[int] = ..., dead_lettered: _Optional[int] = ...) -> None: ...
 
 class FetchCommittedOffsetsResponse(_message.Message):
     __slots__ = ("topic", "offsets")
@@ -427,6 +477,124 @@ class FetchCommittedOffsetsResponse(_message.Message):
     topic: str
     offsets: _containers.RepeatedCompositeFieldContainer[CommittedOffset]
     def __init__(self, topic: _Optional[str] = ..., offsets: _Optional[_Iterable[_Union[CommittedOffset, _Mapping]]] = ...) -> None: ...
+
+class ReceiveRequest(_message.Message):
+    __slots__ = ("group_id", "member_id", "generation", "partition", "max_records", "max_wait_ms", "visibility_timeout_ms", "request_id")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    VISIBILITY_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    member_id: str
+    generation: int
+    partition: TopicPartition
+    max_records: int
+    max_wait_ms: int
+    visibility_timeout_ms: int
+    request_id: int
+    def __init__(self, group_id: _Optional[str] = ..., member_id: _Optional[str] = ..., generation: _Optional[int] = ..., partition: _Optional[_Union[TopicPartition, _Mapping]] = ..., max_records: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., visibility_timeout_ms: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class Delivery(_message.Message):
+    __slots__ = ("record", "attempt", "lease_expires_ms")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    record: StoredRecord
+    attempt: int
+    lease_expires_ms: int
+    def __init__(self, record: _Optional[_Union[StoredRecord, _Mapping]] = ..., attempt: _Optional[int] = ..., lease_expires_ms: _Optional[int] = ...) -> None: ...
+
+class ReceiveResponse(_message.Message):
+    __slots__ = ("deliveries",)
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
+    def __init__(self, deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ...) -> None: ...
+
+class DeliveryRef(_message.Message):
+    __slots__ = ("offset", "attempt")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    attempt: int
+    def __init__(self, offset: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class SettleResult(_message.Message):
+    __slots__ = ("offset", "reason", "message")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    reason: str
+    message: str
+    def __init__(self, offset: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class AckRequest(_message.Message):
+    __slots__ = ("group_id", "member_id", "partition", "deliveries")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    member_id: str
+    partition: TopicPartition
+    deliveries: _containers.RepeatedCompositeFieldContainer[DeliveryRef]
+    def __init__(self, group_id: _Optional[str] = ..., member_id: _Optional[str] = ..., partition: _Optional[_Union[TopicPartition, _Mapping]] = ..., deliveries: _Optional[_Iterable[_Union[DeliveryRef, _Mapping]]] = ...) -> None: ...
+
+class AckResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SettleResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SettleResult, _Mapping]]] = ...) -> None: ...
+
+class NackRequest(_message.Message):
+    __slots__ = ("group_id", "member_id", "partition", "delivery", "delay_ms", "error")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    member_id: str
+    partition: TopicPartition
+    delivery: DeliveryRef
+    delay_ms: int
+    error: str
+    def __init__(self, group_id: _Optional[str] = ..., member_id: _Optional[str] = ..., partition: _Optional[_Union[TopicPartition, _Mapping]] = ..., delivery: _Optional[_Union[DeliveryRef, _Mapping]] = ..., delay_ms: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class NackResponse(_message.Message):
+    __slots__ = ("result", "dead_lettered")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    result: SettleResult
+    dead_lettered: bool
+    def __init__(self, result: _Optional[_Union[SettleResult, _Mapping]] = ..., dead_lettered: _Optional[bool] = ...) -> None: ...
+
+class ExtendLeaseRequest(_message.Message):
+    __slots__ = ("group_id", "member_id", "partition", "delivery", "visibility_timeout_ms")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    VISIBILITY_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    member_id: str
+    partition: TopicPartition
+    delivery: DeliveryRef
+    visibility_timeout_ms: int
+    def __init__(self, group_id: _Optional[str] = ..., member_id: _Optional[str] = ..., partition: _Optional[_Union[TopicPartition, _Mapping]] = ..., delivery: _Optional[_Union[DeliveryRef, _Mapping]] = ..., visibility_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class ExtendLeaseResponse(_message.Message):
+    __slots__ = ("result", "lease_expires_ms")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    result: SettleResult
+    lease_expires_ms: int
+    def __init__(self, result: _Optional[_Union[SettleResult, _Mapping]] = ..., lease_expires_ms: _Optional[int] = ...) -> None: ...
 
 class ListGroupsRequest(_message.Message):
     __slots__ = ()
@@ -473,23 +641,31 @@ class GroupMemberInfo(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., client_id: _Optional[str] = ..., topics: _Optional[_Iterable[str]] = ..., partitions: _Optional[_Iterable[_Union[TopicPartition, _Mapping]]] = ..., revoking: _Optional[_Iterable[_Union[TopicPartition, _Mapping]]] = ...) -> None: ...
 
 class PartitionLag(_message.Message):
-    __slots__ = ("topic", "partition", "member_id", "committed_offset", "high_watermark", "lag")
+    __slots__ = ("topic", "partition", "member_id", "committed_offset", "high_watermark", "lag", "in_flight", "waiting_retry", "dead_letter_pending", "dead_lettered")
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_OFFSET_FIELD_NUMBER: _ClassVar[int]
     HIGH_WATERMARK_FIELD_NUMBER: _ClassVar[int]
     LAG_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_RETRY_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTER_PENDING_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
     topic: str
     partition: int
     member_id: str
     committed_offset: int
     high_watermark: int
     lag: int
-    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., member_id: _Optional[str] = ..., committed_offset: _Optional[int] = ..., high_watermark: _Optional[int] = ..., lag: _Optional[int] = ...) -> None: ...
+    in_flight: int
+    waiting_retry: int
+    dead_letter_pending: int
+    dead_lettered: int
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., member_id: _Optional[str] = ..., committed_offset: _Optional[int] = ..., high_watermark: _Optional[int] = ..., lag: _Optional[int] = ..., in_flight: _Optional[int] = ..., waiting_retry: _Optional[int] = ..., dead_letter_pending: _Optional[int] = ..., dead_lettered: _Optional[int] = ...) -> None: ...
 
 class DescribeGroupResponse(_message.Message):
-    __slots__ = ("group_id", "state", "generation", "assignment_strategy", "auto_offset_reset", "members", "partitions")
+    __slots__ = ("group_id", "state", "generation", "assignment_strategy", "auto_offset_reset", "members", "partitions", "delivery_mode", "retry_policy")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -497,6 +673,8 @@ class DescribeGroupResponse(_message.Message):
     AUTO_OFFSET_RESET_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_MODE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     state: str
     generation: int
@@ -504,7 +682,9 @@ class DescribeGroupResponse(_message.Message):
     auto_offset_reset: str
     members: _containers.RepeatedCompositeFieldContainer[GroupMemberInfo]
     partitions: _containers.RepeatedCompositeFieldContainer[PartitionLag]
-    def __init__(self, group_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., assignment_strategy: _Optional[str] = ..., auto_offset_reset: _Optional[str] = ..., members: _Optional[_Iterable[_Union[GroupMemberInfo, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[PartitionLag, _Mapping]]] = ...) -> None: ...
+    delivery_mode: str
+    retry_policy: RetryPolicy
+    def __init__(self, group_id: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., assignment_strategy: _Optional[str] = ..., auto_offset_reset: _Optional[str] = ..., members: _Optional[_Iterable[_Union[GroupMemberInfo, _Mapping]]] = ..., partitions: _Optional[_Iterable[_Union[PartitionLag, _Mapping]]] = ..., delivery_mode: _Optional[str] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ...) -> None: ...
 
 class ResetOffsetsRequest(_message.Message):
     __slots__ = ("group_id", "topic", "partitions", "to_earliest", "to_latest", "to_offset")

@@ -559,6 +559,26 @@ class GroupServiceStub:
                 request_serializer=raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsRequest.SerializeToString,
                 response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsResponse.FromString,
                 _registered_method=True)
+        self.Receive = channel.unary_unary(
+                '/raftmq.v1.GroupService/Receive',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.ReceiveRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ReceiveResponse.FromString,
+                _registered_method=True)
+        self.Ack = channel.unary_unary(
+                '/raftmq.v1.GroupService/Ack',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.AckRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.AckResponse.FromString,
+                _registered_method=True)
+        self.Nack = channel.unary_unary(
+                '/raftmq.v1.GroupService/Nack',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.NackRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.NackResponse.FromString,
+                _registered_method=True)
+        self.ExtendLease = channel.unary_unary(
+                '/raftmq.v1.GroupService/ExtendLease',
+                request_serializer=raftmq_dot_v1_dot_raftmq__pb2.ExtendLeaseRequest.SerializeToString,
+                response_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ExtendLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class GroupServiceServicer:
@@ -621,6 +641,31 @@ class GroupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Receive(self, request, context):
+        """Per-message delivery, for groups with delivery_mode "acks".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ack(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Nack(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExtendLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GroupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -668,6 +713,26 @@ def add_GroupServiceServicer_to_server(servicer, server):
                     servicer.ResetOffsets,
                     request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsRequest.FromString,
                     response_serializer=raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsResponse.SerializeToString,
+            ),
+            'Receive': grpc.unary_unary_rpc_method_handler(
+                    servicer.Receive,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ReceiveRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.ReceiveResponse.SerializeToString,
+            ),
+            'Ack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ack,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.AckRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.AckResponse.SerializeToString,
+            ),
+            'Nack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Nack,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.NackRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.NackResponse.SerializeToString,
+            ),
+            'ExtendLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendLease,
+                    request_deserializer=raftmq_dot_v1_dot_raftmq__pb2.ExtendLeaseRequest.FromString,
+                    response_serializer=raftmq_dot_v1_dot_raftmq__pb2.ExtendLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -913,6 +978,114 @@ class GroupService:
             '/raftmq.v1.GroupService/ResetOffsets',
             raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsRequest.SerializeToString,
             raftmq_dot_v1_dot_raftmq__pb2.ResetOffsetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Receive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/Receive',
+            raftmq_dot_v1_dot_raftmq__pb2.ReceiveRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.ReceiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/Ack',
+            raftmq_dot_v1_dot_raftmq__pb2.AckRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.AckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Nack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/Nack',
+            raftmq_dot_v1_dot_raftmq__pb2.NackRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.NackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftmq.v1.GroupService/ExtendLease',
+            raftmq_dot_v1_dot_raftmq__pb2.ExtendLeaseRequest.SerializeToString,
+            raftmq_dot_v1_dot_raftmq__pb2.ExtendLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
