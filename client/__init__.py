@@ -11,14 +11,23 @@ from .admin import (
     PartitionDescription,
     TopicDescription,
 )
+from .breaker import CircuitBreaker
 from .consumer import CommitFailedError, Consumer
-from .errors import BufferFullError, NotLeaderError, ProducerClosedError, RaftMQError
+from .errors import (
+    BacklogFullError,
+    BufferFullError,
+    NotLeaderError,
+    ProducerClosedError,
+    RaftMQError,
+)
 from .producer import Producer
-from .types import ConsumerRecord, RecordMetadata, TopicPartition
+from .types import ConsumerRecord, RecordMetadata, RetryPolicy, TopicPartition
 
 __all__ = [
     "Admin",
+    "BacklogFullError",
     "BufferFullError",
+    "CircuitBreaker",
     "ClusterDescription",
     "CommitFailedError",
     "Consumer",
@@ -34,6 +43,7 @@ __all__ = [
     "ProducerClosedError",
     "RaftMQError",
     "RecordMetadata",
+    "RetryPolicy",
     "TopicDescription",
     "TopicPartition",
 ]

@@ -38,9 +38,10 @@ from ._channel import (
     check_positive_int,
     parse_bootstrap_servers,
 )
+from .breaker import CircuitBreaker
 from .errors import NotLeaderError, RaftMQError, from_rpc_error
 from .group import GroupMembership
-from .types import ConsumerRecord, TopicPartition
+from .types import ConsumerRecord, RetryPolicy, TopicPartition
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class _PartitionState:
     fetch_offset: int = 0
     failures: int = 0
     retry_at_monotonic: float = 0.0
+    # "acks" groups: id of the next Receive; a retry after a failure reuses it.
+    receive_id: int = 1
 
 
 class Consumer:
@@ -115,6 +118,10 @@ class Consumer:
         enable_auto_commit: bool = True,
         auto_commit_interval_ms: int = 5000,
         assignment_strategy: str | None = None,
+        delivery_mode: str = "offsets",
+        retry_policy: RetryPolicy | None = None,
+        visibility_timeout_ms: int | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
     ) -> None:
         """Create a consumer; nothing is contacted until assign() or subscribe().
 
@@ -146,10 +153,25 @@ class Consumer:
             else check_positive_int("heartbeat_interval_ms", heartbeat_interval_ms))
         self._rebalance_timeout_ms = check_positive_int("rebalance_timeout_ms", rebalance_timeout_ms)
         self._max_poll_interval_ms = check_positive_int("max_poll_interval_ms", max_poll_interval_ms)
-        self._enable_auto_commit = bool(enable_auto_commit)
+        self._enable_auto_commit = bool(enable_auto_commit) and delivery_mode != "acks"
         self._auto_commit_interval_s = check_positive_int(
             "auto_commit_interval_ms", auto_commit_interval_ms) / 1000.0
         self._assignment_strategy = assignment_strategy
+        if delivery_mode not in ("offsets", "acks"):
+            raise ValueError(f"delivery_mode must be 'offsets' or 'acks', got {delivery_mode!r}")
+        if retry_policy is not None and delivery_mode != "acks":
+            raise ValueError("retry_policy needs delivery_mode='acks'")
+        if retry_policy is not None and not isinstance(retry_policy, RetryPolicy):
+            raise TypeError(f"retry_policy must be a RetryPolicy, got {type(retry_policy).__name__}")
+        self._acks = delivery_mode == "acks"
+        self._retry_policy = retry_policy
+        self._visibility_timeout_ms = (
+            0 if visibility_timeout_ms is None
+            else _check_int32("visibility_timeout_ms", visibility_timeout_ms))
+        self._breaker = circuit_breaker
+        if self._acks:
+            # Records are settled one by one; there are no offsets to commit.
+            enable_auto_commit = False
         self._group: GroupMembership | None = None
         self._on_assign: PartitionCallback | None = None
         self._on_revoke: PartitionCallback | None = None
@@ -284,6 +306,8 @@ class Consumer:
             auto_offset_reset=self._group_reset,
             request_timeout_ms=self._request_timeout_ms,
             on_change=self._fetch_completed.set,
+            delivery_mode="acks" if self._acks else "",
+            retry_policy=self._retry_policy,
         )
         group.join(time.monotonic() + self._request_timeout_ms / 1000.0)
         group.start()
@@ -312,6 +336,9 @@ class Consumer:
         """
         self._check_open()
         group = self._require_group("commit()")
+        if self._acks:
+            raise RaftMQError("commit() is for delivery_mode 'offsets'; in an 'acks' group call "
+                              "ack() or nack() per record", "INVALID_REQUEST")
         if offsets is None:
             offsets = self._consumed_positions()
         else:
@@ -498,6 +525,115 @@ class Consumer:
         if error is not None:
             logger.warning("automatic commit of %d partitions failed: %s", len(offsets), error)
 
+    # -- per-message delivery ("acks" groups) -----------------------------------
+
+    def ack(self, *records: ConsumerRecord) -> None:
+        """Settle records as processed.
+
+        Raises RaftMQError with reason LEASE_EXPIRED or STALE_DELIVERY for a
+        record whose lease ended (it will be delivered again) after the
+        others were acked; a retried ack of a settled record succeeds.
+        """
+        group = self._require_acks("ack()")
+        by_partition: dict[TopicPartition, list[ConsumerRecord]] = {}
+        for record in records:
+            by_partition.setdefault(TopicPartition(record.topic, record.partition), []).append(record)
+        rejected = []
+        for tp, batch in by_partition.items():
+            request = raftmq_pb2.AckRequest(
+                group_id=group.group_id, member_id=group.member_id or "",
+                partition=raftmq_pb2.TopicPartition(topic=tp.topic, partition=tp.partition),
+                deliveries=[raftmq_pb2.DeliveryRef(offset=r.offset, attempt=r.attempt) for r in batch],
+            )
+            response = self._group_call(tp, lambda stub: stub.Ack, request)
+            rejected += [(tp, result) for result in response.results if result.reason]
+        if self._breaker is not None:
+            self._breaker.record_success()
+        if rejected:
+            tp, first = rejected[0]
+            raise RaftMQError(
+                f"{len(rejected)} of {len(records)} acks rejected; first: {tp} offset "
+                f"{first.offset}: {first.message}", first.reason,
+                metadata={"offset": str(first.offset), "rejected": str(len(rejected))})
+
+    def nack(self, record: ConsumerRecord, *, delay_ms: int | None = None, error: str = "") -> bool:
+        """Report that processing `record` failed; return True when it was its
+        last attempt and it goes to the dead-letter topic.
+
+        The record is delivered again after the group policy's delay, or
+        after delay_ms when given. `error` is kept with the record and copied
+        into its dead letter.
+        """
+        group = self._require_acks("nack()")
+        tp = TopicPartition(record.topic, record.partition)
+        request = raftmq_pb2.NackRequest(
+            group_id=group.group_id, member_id=group.member_id or "",
+            partition=raftmq_pb2.TopicPartition(topic=tp.topic, partition=tp.partition),
+            delivery=raftmq_pb2.DeliveryRef(offset=record.offset, attempt=record.attempt),
+            error=str(error),
+        )
+        if delay_ms is not None:
+            request.delay_ms = check_positive_int("delay_ms", delay_ms, allow_zero=True)
+        response = self._group_call(tp, lambda stub: stub.Nack, request)
+        if self._breaker is not None:
+            self._breaker.record_failure()
+        if response.result.reason:
+            raise RaftMQError(f"nack of {tp} offset {record.offset} rejected: "
+                              f"{response.result.message}", response.result.reason)
+        return response.dead_lettered
+
+    def extend_lease(self, record: ConsumerRecord, visibility_timeout_ms: int) -> int:
+        """Extend the lease of `record` to visibility_timeout_ms from now; return its new end."""
+        group = self._require_acks("extend_lease()")
+        tp = TopicPartition(record.topic, record.partition)
+        request = raftmq_pb2.ExtendLeaseRequest(
+            group_id=group.group_id, member_id=group.member_id or "",
+            partition=raftmq_pb2.TopicPartition(topic=tp.topic, partition=tp.partition),
+            delivery=raftmq_pb2.DeliveryRef(offset=record.offset, attempt=record.attempt),
+            visibility_timeout_ms=_check_int32("visibility_timeout_ms", visibility_timeout_ms),
+        )
+        response = self._group_call(tp, lambda stub: stub.ExtendLease, request)
+        if response.result.reason:
+            raise RaftMQError(f"lease extension of {tp} offset {record.offset} rejected: "
+                              f"{response.result.message}", response.result.reason)
+        return response.lease_expires_ms
+
+    def _require_acks(self, what: str) -> GroupMembership:
+        self._check_open()
+        group = self._require_group(what)
+        if not self._acks:
+            raise RaftMQError(f"{what} needs delivery_mode='acks'; this consumer commits offsets",
+                              "INVALID_REQUEST")
+        return group
+
+    def _start_receive(self, tp: TopicPartition, state: _PartitionState) -> bool:
+        """Start a Receive for `tp`; return False when the circuit breaker stops receiving."""
+        group = self._group
+        assert group is not None
+        max_records = self._max_poll_records
+        if self._breaker is not None:
+            allowed = self._breaker.allows()
+            if allowed == 0:
+                return False
+            if allowed == 1:
+                if any(s.fetch is not None or s.buffered for s in self._states.values()):
+                    return False
+                max_records = 1
+                self._breaker.trial_started()
+        generation, _, _ = group.snapshot()
+        request = raftmq_pb2.ReceiveRequest(
+            group_id=group.group_id, member_id=group.member_id or "", generation=generation,
+            partition=raftmq_pb2.TopicPartition(topic=tp.topic, partition=tp.partition),
+            max_records=max_records, max_wait_ms=self._fetch_max_wait_ms,
+            visibility_timeout_ms=self._visibility_timeout_ms, request_id=state.receive_id,
+        )
+        stub = raftmq_pb2_grpc.GroupServiceStub(self._channels.get(self._address_for(tp)))
+        timeout_s = (self._fetch_max_wait_ms + self._request_timeout_ms) / 1000.0
+        future = stub.Receive.future(request, timeout=timeout_s)
+        state.fetch = future
+        future.add_done_callback(lambda _future: self._fetch_completed.set())
+        return True
+
     # -- reading -------------------------------------------------------------
 
     def poll(
@@ -630,6 +766,10 @@ class Consumer:
                 continue
             if state.retry_at_monotonic > now:
                 continue
+            if self._acks:
+                if not self._start_receive(tp, state):
+                    break
+                continue
             request = self._fetch_request(
                 tp,
                 state.position,
@@ -656,6 +796,12 @@ class Consumer:
                 self._handle_fetch_error(tp, state, from_rpc_error(error))
                 continue
             state.failures = 0
+            if self._acks:
+                state.receive_id += 1
+                for delivery in response.deliveries:
+                    state.buffered.append(_to_consumer_record(
+                        tp, delivery.record, delivery.attempt, delivery.lease_expires_ms))
+                continue
             for stored in response.records:
                 if stored.offset >= state.fetch_offset:
                     state.buffered.append(_to_consumer_record(tp, stored))
@@ -671,6 +817,11 @@ class Consumer:
                 "offset %d of %s is out of range [%d, %d); auto_offset_reset=%s moved it to %d",
                 state.fetch_offset, tp, log_start_offset, high_watermark, strategy, state.position,
             )
+            return
+        if self._group is not None and error.reason in _FENCED_REASONS:
+            # The assignment moved on; the next heartbeat brings the new one.
+            self._group.refresh()
+            self._schedule_retry(tp, state, error)
             return
         if not (error.retriable or error.code in _RETRIABLE_CODES):
             raise error
@@ -796,8 +947,11 @@ def _cancel_fetch(state: _PartitionState) -> None:
         state.fetch = None
 
 
-def _to_consumer_record(tp: TopicPartition, stored: raftmq_pb2.StoredRecord) -> ConsumerRecord:
+def _to_consumer_record(tp: TopicPartition, stored: raftmq_pb2.StoredRecord,
+                        attempt: int = 0, lease_expires_ms: int = 0) -> ConsumerRecord:
     return ConsumerRecord(
+        attempt=attempt,
+        lease_expires_ms=lease_expires_ms,
         topic=tp.topic,
         partition=tp.partition,
         offset=stored.offset,

@@ -13,6 +13,7 @@ again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -59,6 +60,8 @@ class GroupMembership:
         auto_offset_reset: str | None,
         request_timeout_ms: int,
         on_change: Callable[[], None],
+        delivery_mode: str = "",
+        retry_policy=None,
     ) -> None:
         self.group_id = group_id
         self.topics = sorted(set(topics))
@@ -74,6 +77,8 @@ class GroupMembership:
         self._reset = auto_offset_reset or ""
         self._request_timeout_s = request_timeout_ms / 1000.0
         self._on_change = on_change
+        self._delivery_mode = delivery_mode
+        self._retry_policy = retry_policy
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -215,7 +220,10 @@ class GroupMembership:
             session_timeout_ms=self._session_timeout_ms,
             rebalance_timeout_ms=self._rebalance_timeout_ms,
             assignment_strategy=self._strategy, auto_offset_reset=self._reset,
+            delivery_mode=self._delivery_mode,
         )
+        if self._retry_policy is not None:
+            request.retry_policy.CopyFrom(raftmq_pb2.RetryPolicy(**dataclasses.asdict(self._retry_policy)))
         response = self._call(lambda stub: stub.JoinGroup, request)
         interval_ms = self._heartbeat_interval_ms or response.heartbeat_interval_ms
         with self._lock:

@@ -52,3 +52,32 @@ class ConsumerRecord:
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = field(default_factory=tuple)
     timestamp_ms: int = 0
+    # In a group with delivery_mode "acks": the delivery attempt (1 for the
+    # first) and the leader time, in ms since the epoch, when its lease ends.
+    # Both are 0 otherwise.
+    attempt: int = 0
+    lease_expires_ms: int = 0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry policy of a consumer group with delivery_mode "acks".
+
+    A nacked record, or one whose lease expired, is delivered again after
+    a delay: 0 for "immediate", initial_delay_ms for "fixed", and
+    initial_delay_ms * multiplier ** (attempt - 1) for "exponential",
+    capped at max_delay_ms and spread by +/- jitter (a fraction). After
+    max_attempts deliveries the record goes to the dead-letter topic
+    (dead_letter_topic, or "<topic>.dlq"). ordering says which later
+    records wait while one waits for its retry: "key", "partition" or "none".
+    """
+
+    backoff: str = "exponential"
+    initial_delay_ms: int = 1000
+    multiplier: float = 2.0
+    max_delay_ms: int = 60000
+    jitter: float = 0.0
+    max_attempts: int = 5
+    visibility_timeout_ms: int = 30000
+    ordering: str = "key"
+    dead_letter_topic: str = ""
