@@ -37,6 +37,13 @@ def test_every_leaf_command_sets_func():
         ("produce",),
         ("consume",),
         ("cluster", "status"),
+        ("group", "list"),
+        ("group", "describe"),
+        ("group", "reset-offsets"),
+        ("dlq", "list"),
+        ("dlq", "show"),
+        ("dlq", "redrive"),
+        ("dlq", "requeue"),
     }
     for path, parser in leaves.items():
         assert callable(parser.get_default("func")), path
@@ -220,3 +227,47 @@ def test_format_table_aligns_columns():
         "1   127.0.0.1:9092",
         "10  h:1",
     ]
+
+
+def test_group_reset_needs_one_target():
+    parser = cli.build_parser()
+    args = parser.parse_args(["group", "reset-offsets", "billing", "--topic", "orders",
+                              "--to-offset", "7", "--partition", "0", "2"])
+    assert args.group == "billing"
+    assert args.to_offset == 7
+    assert args.partition == [0, 2]
+    assert args.func is cli._group_reset
+    with pytest.raises(SystemExit):
+        parser.parse_args(["group", "reset-offsets", "billing", "--topic", "orders"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["group", "reset-offsets", "billing", "--topic", "orders",
+                           "--to-earliest", "--to-latest"])
+
+
+def test_dlq_redrive_filters_parse_times():
+    args = cli.build_parser().parse_args(
+        ["dlq", "redrive", "orders.dlq", "--to", "orders", "--id", "fix-1", "--rate", "50",
+         "--since", "2026-12-01T00:00:00+00:00", "--until", "1796400000000",
+         "--error-contains", "timeout"])
+    assert args.since == 1796083200000
+    assert args.until == 1796400000000
+    assert args.rate == 50.0
+    assert args.id == "fix-1"
+    assert args.error_contains == "timeout"
+    assert args.func is cli._dlq_redrive
+
+
+def test_dlq_time_without_zone_is_utc():
+    assert cli._time_ms("2026-12-01T00:00:00") == 1796083200000
+
+
+def test_dlq_time_rejects_text():
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli._time_ms("yesterday")
+
+
+def test_consume_group_excludes_partition(capsys):
+    code = cli.run(["--bootstrap-servers", unused_address(), "consume", "orders",
+                    "--group", "billing", "--partition", "0"])
+    assert code == 2
+    assert "--group cannot be combined" in capsys.readouterr().err
