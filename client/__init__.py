@@ -1,5 +1,6 @@
 """The raftmq Python SDK: a producer, a consumer and an admin client."""
 
+from . import dlq
 from .admin import (
     Admin,
     ClusterDescription,
@@ -24,6 +25,7 @@ from .producer import Producer
 from .types import ConsumerRecord, RecordMetadata, RetryPolicy, TopicPartition
 
 __all__ = [
+    "dlq",
     "Admin",
     "BacklogFullError",
     "BufferFullError",

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from raftmq.partition.codec import encoded_record_size
 from raftmq.v1 import raftmq_pb2
 
 from .errors import RaftMQError
@@ -45,6 +46,12 @@ def request_overhead_bytes(topic: str, idempotent: bool) -> int:
     return request.ByteSize()
 
 
+def record_stored_bytes(record: raftmq_pb2.Record) -> int:
+    """Return the bytes `record` takes in the partition log (see partition/codec.py)."""
+    key = record.key if record.HasField("key") else None
+    return encoded_record_size(key, record.value, ((h.key, h.value) for h in record.headers))
+
+
 def record_entry_bytes(record: raftmq_pb2.Record) -> int:
     """Return the bytes that appending `record` adds to a ProduceRequest."""
     length = record.ByteSize()
@@ -58,6 +65,8 @@ class PendingRecord:
     record: raftmq_pb2.Record
     future: Future
     entry_bytes: int
+    # Bytes the record takes in the partition log, which backlog limits count.
+    stored_bytes: int = 0
 
 
 class Batch:
@@ -76,6 +85,7 @@ class Batch:
         self.partition = partition
         self.records: list[PendingRecord] = []
         self.size_bytes = overhead_bytes
+        self.stored_bytes = 0
         self.created_monotonic = time.monotonic()
         self.deadline_monotonic = self.created_monotonic + delivery_timeout_ms / 1000.0
         self.sealed = False
@@ -93,11 +103,19 @@ class Batch:
         assert not self.sealed, "records are only added to an open batch"
         self.records.append(pending)
         self.size_bytes += pending.entry_bytes
+        self.stored_bytes += pending.stored_bytes
 
     def fits(self, entry_bytes: int, batch_size: int, max_request_bytes: int) -> bool:
         """Tell whether a record of entry_bytes may join this open batch."""
         new_size = self.size_bytes + entry_bytes
         return new_size <= batch_size and new_size <= max_request_bytes
+
+    def fits_backlog(self, stored_bytes: int, max_messages: int, max_bytes: int) -> bool:
+        """Tell whether one more record keeps this batch within a topic's
+        backlog limits (0: no limit), so that the partition could take it."""
+        if max_messages and len(self.records) + 1 > max_messages:
+            return False
+        return not (max_bytes and self.stored_bytes + stored_bytes > max_bytes)
 
     def request(self, producer_id: int) -> raftmq_pb2.ProduceRequest:
         """Build the ProduceRequest once, so every attempt sends the same bytes."""

@@ -171,6 +171,14 @@ class ClusterMetadata:
             return None
         return info.config.max_message_bytes
 
+    def backlog_limits(self, topic: str) -> tuple[int, int]:
+        """Return the topic's (max_backlog_messages, max_backlog_bytes), 0 for
+        no limit or an unknown topic."""
+        info = self.topics.get(topic)
+        if info is None:
+            return 0, 0
+        return info.config.max_backlog_messages, info.config.max_backlog_bytes
+
     def partitions_with_leader(self, topic: str) -> list[int]:
         info = self.topics.get(topic)
         if info is None:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from raftmq.partition.codec import OVERFLOW_POLICIES, OVERFLOW_REJECT
 from raftmq.v1 import raftmq_pb2, raftmq_pb2_grpc
 
 from ._channel import ChannelPool, MetadataCache, check_positive_int, parse_bootstrap_servers
@@ -52,6 +53,16 @@ class PartitionDescription:
     in_sync_replicas: tuple[int, ...]
     high_watermark: int
     raft_term: int
+    # Backlog figures, 0 when the node that served the call hosts no replica
+    # of the partition, like high_watermark and raft_term.
+    log_start_offset: int = 0
+    # Records from log_start_offset to the end of the log, and their stored bytes.
+    backlog_messages: int = 0
+    backlog_bytes: int = 0
+    # Records deleted by the drop_oldest overflow policy.
+    dropped_records: int = 0
+    # Records of appends rejected by the reject policy, each attempt counted.
+    rejected_records: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,11 @@ class TopicDescription:
     # 0 means the node default.
     max_message_bytes: int
     topic_id: int
+    # Backlog limits of each partition, 0 for none.
+    max_backlog_messages: int = 0
+    max_backlog_bytes: int = 0
+    # "reject" or "drop_oldest": what a partition at a limit does.
+    overflow_policy: str = "reject"
 
 
 @dataclass(frozen=True)
@@ -156,21 +172,41 @@ class Admin:
         partitions: int,
         replication_factor: int = 0,
         max_message_bytes: int = 0,
+        max_backlog_messages: int = 0,
+        max_backlog_bytes: int = 0,
+        overflow_policy: str = OVERFLOW_REJECT,
     ) -> TopicDescription:
         """Create a topic and return it as the controller stored it.
 
         replication_factor 0 picks the cluster default, and max_message_bytes
-        0 the node default.
+        0 the node default. max_backlog_messages and max_backlog_bytes limit
+        each partition's backlog (the records from its log start offset on),
+        0 for no limit. At a limit, overflow_policy "reject" fails new
+        batches with BACKLOG_FULL, and "drop_oldest" deletes the oldest
+        records. The node rejects a max_backlog_bytes below the topic's
+        max_message_bytes.
         """
         _check_topic_name(name)
         check_positive_int("partitions", partitions)
         check_positive_int("replication_factor", replication_factor, allow_zero=True)
         check_positive_int("max_message_bytes", max_message_bytes, allow_zero=True)
+        check_positive_int("max_backlog_messages", max_backlog_messages, allow_zero=True)
+        check_positive_int("max_backlog_bytes", max_backlog_bytes, allow_zero=True)
+        if overflow_policy not in OVERFLOW_POLICIES:
+            raise ValueError(
+                f"overflow_policy must be one of {', '.join(OVERFLOW_POLICIES)}, "
+                f"got {overflow_policy!r}"
+            )
         request = raftmq_pb2.CreateTopicRequest(
             name=name,
             partitions=partitions,
             replication_factor=replication_factor,
-            config=raftmq_pb2.TopicConfig(max_message_bytes=max_message_bytes),
+            config=raftmq_pb2.TopicConfig(
+                max_message_bytes=max_message_bytes,
+                max_backlog_messages=max_backlog_messages,
+                max_backlog_bytes=max_backlog_bytes,
+                overflow_policy=overflow_policy,
+            ),
         )
         response = self._call(lambda stub: stub.CreateTopic, request)
         return _topic_description(response.topic)
@@ -332,10 +368,19 @@ def _topic_description(topic: raftmq_pb2.TopicInfo) -> TopicDescription:
                 in_sync_replicas=tuple(p.in_sync_replicas),
                 high_watermark=p.high_watermark,
                 raft_term=p.raft_term,
+                log_start_offset=p.log_start_offset,
+                backlog_messages=p.backlog_messages,
+                backlog_bytes=p.backlog_bytes,
+                dropped_records=p.dropped_records,
+                rejected_records=p.rejected_records,
             )
             for p in sorted(topic.partitions, key=lambda p: p.partition)
         ),
         replication_factor=topic.replication_factor,
         max_message_bytes=topic.config.max_message_bytes,
         topic_id=topic.topic_id,
+        max_backlog_messages=topic.config.max_backlog_messages,
+        max_backlog_bytes=topic.config.max_backlog_bytes,
+        # A node that predates backlog limits sends no policy.
+        overflow_policy=topic.config.overflow_policy or OVERFLOW_REJECT,
     )

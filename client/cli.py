@@ -8,6 +8,7 @@ this module never imports it.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 import threading
@@ -16,6 +17,9 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import BinaryIO
 
+from raftmq.partition.codec import OVERFLOW_POLICIES, OVERFLOW_REJECT
+
+from . import dlq
 from .admin import Admin, TopicDescription
 from .consumer import Consumer
 from .errors import RaftMQError
@@ -64,6 +68,7 @@ def build_parser(server_commands: ServerCommands | None = None) -> argparse.Argu
     _add_produce_command(commands)
     _add_consume_command(commands)
     _add_group_commands(commands)
+    _add_dlq_commands(commands)
     cluster = commands.add_parser("cluster", help="inspect the cluster")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
     status = cluster_commands.add_parser(
@@ -127,6 +132,28 @@ def _add_topic_commands(commands: argparse._SubParsersAction) -> None:
         default=0,
         metavar="B",
         help="largest record the topic accepts, in bytes (default: 0, the node default)",
+    )
+    create.add_argument(
+        "--max-backlog-messages",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="maximum records per partition from its log start offset on (default: 0, no limit)",
+    )
+    create.add_argument(
+        "--max-backlog-bytes",
+        type=_non_negative_int,
+        default=0,
+        metavar="B",
+        help="maximum stored bytes per partition from its log start offset on, at least the "
+        "max message bytes (default: 0, no limit)",
+    )
+    create.add_argument(
+        "--overflow-policy",
+        choices=OVERFLOW_POLICIES,
+        default=OVERFLOW_REJECT,
+        help="what a partition at a backlog limit does with new records: reject them "
+        "(producers get BACKLOG_FULL) or drop the oldest records (default: reject)",
     )
     create.set_defaults(func=_topic_create)
 
@@ -228,6 +255,135 @@ def _add_group_commands(commands: argparse._SubParsersAction) -> None:
     reset.set_defaults(func=_group_reset)
 
 
+def _add_dlq_commands(commands: argparse._SubParsersAction) -> None:
+    dlq = commands.add_parser("dlq", help="list, inspect, redrive or requeue dead letters")
+    actions = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+
+    def add_filters(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--since", type=_time_ms, metavar="TIME",
+                            help="last failure at or after TIME (ISO 8601 or ms since the epoch)")
+        parser.add_argument("--until", type=_time_ms, metavar="TIME",
+                            help="last failure at or before TIME (ISO 8601 or ms since the epoch)")
+        parser.add_argument("--error-contains", metavar="TEXT",
+                            help="only dead letters whose error text contains TEXT")
+
+    list_ = actions.add_parser("list", help="print one line per dead letter")
+    list_.add_argument("topic", metavar="DLQ_TOPIC")
+    add_filters(list_)
+    list_.add_argument("--limit", type=_positive_int, metavar="N", help="print at most N")
+    list_.set_defaults(func=_dlq_list)
+
+    show = actions.add_parser("show", help="print one dead letter with all its metadata")
+    show.add_argument("topic", metavar="DLQ_TOPIC")
+    show.add_argument("partition", type=_non_negative_int, metavar="PARTITION")
+    show.add_argument("offset", type=_non_negative_int, metavar="OFFSET")
+    show.set_defaults(func=_dlq_show)
+
+    redrive = actions.add_parser(
+        "redrive", help="send dead letters back to their source topic (resumable, no duplicates)")
+    redrive.add_argument("topic", metavar="DLQ_TOPIC")
+    redrive.add_argument("--to", metavar="TOPIC", help="target topic (default: each record's source)")
+    redrive.add_argument("--id", default="default", metavar="ID",
+                         help="redrive name; a run with the same ID resumes where it stopped")
+    redrive.add_argument("--rate", type=float, metavar="N", help="at most N records per second")
+    add_filters(redrive)
+    redrive.set_defaults(func=_dlq_redrive)
+
+    requeue = actions.add_parser("requeue", help="send one dead letter back, by its coordinates")
+    requeue.add_argument("topic", metavar="DLQ_TOPIC")
+    requeue.add_argument("partition", type=_non_negative_int, metavar="PARTITION")
+    requeue.add_argument("offset", type=_non_negative_int, metavar="OFFSET")
+    requeue.add_argument("--to", metavar="TOPIC", help="target topic (default: the record's source)")
+    requeue.set_defaults(func=_dlq_requeue)
+
+
+def _time_ms(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected ISO 8601 (2026-01-31T12:00:00+00:00) or ms since the epoch, got {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def _format_ms(ms: int) -> str:
+    if not ms:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds")
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    letters = dlq.list_dead_letters(
+        args.bootstrap_servers, args.topic, since_ms=args.since, until_ms=args.until,
+        error_contains=args.error_contains, limit=args.limit,
+        request_timeout_ms=args.request_timeout_ms, ssl_cafile=args.ssl_cafile,
+    )
+    rows = [
+        [f"{d.dlq_partition}:{d.dlq_offset}", f"{d.source_topic}[{d.source_partition}]@{d.source_offset}",
+         d.group, str(d.attempts), _format_ms(d.last_failure_ms), d.error[:60]]
+        for d in letters
+    ]
+    if rows:
+        print(format_table(["DLQ POSITION", "SOURCE", "GROUP", "ATTEMPTS", "LAST FAILURE", "ERROR"],
+                           rows))
+    print(f"{len(rows)} dead letters", file=sys.stderr)
+    return 0
+
+
+def _dlq_show(args: argparse.Namespace) -> int:
+    letters = [d for d in dlq.list_dead_letters(
+        args.bootstrap_servers, args.topic, request_timeout_ms=args.request_timeout_ms,
+        ssl_cafile=args.ssl_cafile,
+    ) if d.dlq_partition == args.partition and d.dlq_offset == args.offset]
+    if not letters:
+        _print_error("INVALID_OFFSET", f"no dead letter at {args.topic}[{args.partition}] offset "
+                     f"{args.offset}")
+        return 1
+    letter = letters[0]
+    for name in ("source_topic", "source_partition", "source_offset", "group", "attempts", "error"):
+        print(f"{name}: {getattr(letter, name)}")
+    for name in ("first_failure_ms", "last_failure_ms", "original_timestamp_ms", "timestamp_ms"):
+        print(f"{name}: {getattr(letter, name)} ({_format_ms(getattr(letter, name))})")
+    print(f"key: {letter.key!r}")
+    print(f"value: {letter.value!r}")
+    for key, value in letter.headers:
+        print(f"header {key}: {value!r}")
+    return 0
+
+
+def _dlq_redrive(args: argparse.Namespace) -> int:
+    def show(result: dlq.RedriveResult) -> None:
+        print(f"scanned {result.scanned}, redriven {result.redriven}, skipped {result.skipped}",
+              file=sys.stderr)
+
+    result = dlq.redrive(
+        args.bootstrap_servers, args.topic, args.to, redrive_id=args.id, since_ms=args.since,
+        until_ms=args.until, error_contains=args.error_contains, rate_per_s=args.rate,
+        progress=show, request_timeout_ms=args.request_timeout_ms, ssl_cafile=args.ssl_cafile,
+    )
+    print(f"redrive {args.id}: scanned {result.scanned}, redriven {result.redriven} "
+          f"({result.already_written} already written by an earlier run), skipped "
+          f"{result.skipped}")
+    return 0
+
+
+def _dlq_requeue(args: argparse.Namespace) -> int:
+    partition, offset = dlq.requeue(
+        args.bootstrap_servers, args.topic, args.partition, args.offset, args.to,
+        request_timeout_ms=args.request_timeout_ms, ssl_cafile=args.ssl_cafile,
+    )
+    target = args.to or "its source topic"
+    where = f"partition {partition}" + (f" offset {offset}" if offset >= 0 else "")
+    print(f"requeued {args.topic}[{args.partition}]@{args.offset} to {target}, {where}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = _non_negative_int(text)
     if value == 0:
@@ -263,6 +419,9 @@ def _topic_create(args: argparse.Namespace) -> int:
             args.partitions,
             replication_factor=args.replication_factor,
             max_message_bytes=args.max_message_bytes,
+            max_backlog_messages=args.max_backlog_messages,
+            max_backlog_bytes=args.max_backlog_bytes,
+            overflow_policy=args.overflow_policy,
         )
     print(
         f"created topic {topic.name} with {len(topic.partitions)} partitions, "
@@ -287,7 +446,17 @@ def _topic_describe(args: argparse.Namespace) -> int:
         f"topic {topic.name}: {len(topic.partitions)} partitions, replication factor "
         f"{topic.replication_factor}, max message bytes {limit}, id {topic.topic_id}"
     )
-    print(format_table(_PARTITION_COLUMNS, _partition_rows([topic], with_topic=False)))
+    print(
+        f"backlog limits: max backlog messages {topic.max_backlog_messages or 'none'}, "
+        f"max backlog bytes {topic.max_backlog_bytes or 'none'}, "
+        f"overflow policy {topic.overflow_policy}"
+    )
+    rows = [
+        [*row, str(p.log_start_offset), str(p.backlog_messages), str(p.backlog_bytes),
+         str(p.dropped_records), str(p.rejected_records)]
+        for row, p in zip(_partition_rows([topic], with_topic=False), topic.partitions)
+    ]
+    print(format_table(_PARTITION_COLUMNS + _BACKLOG_COLUMNS, rows))
     return 0
 
 
@@ -373,6 +542,7 @@ def _cluster_status(args: argparse.Namespace) -> int:
 
 
 _PARTITION_COLUMNS = ["PARTITION", "LEADER", "REPLICAS", "IN-SYNC", "HIGH WATERMARK", "TERM"]
+_BACKLOG_COLUMNS = ["LOG START", "BACKLOG", "BACKLOG BYTES", "DROPPED", "REJECTED"]
 
 
 def _partition_rows(topics: Iterable[TopicDescription], *, with_topic: bool) -> list[list[str]]:

@@ -5,6 +5,17 @@ A sender thread sends a batch when it reaches batch_size, when it has waited
 linger_ms, or on flush() and close(). A bounded thread pool runs the
 Produce calls, at most one per partition at a time, so that a retried batch
 can never be overtaken by a later batch of the same partition.
+
+Backpressure from a full partition: a topic with a backlog limit and the
+"reject" overflow policy fails a batch that does not fit with BACKLOG_FULL.
+The producer retries that batch after the node's retry_after_ms hint (or
+its own backoff, whichever is longer) until delivery_timeout_ms, and marks
+the partition as full until a batch of it is acknowledged or fails. While
+a partition is marked, send() calls for it block instead of buffering more
+records, and raise BacklogFullError once max_block_ms has passed. Keyless
+records go to another partition when one is not marked. Once the producer
+has the topic's metadata, batches are also cut to the topic's backlog
+limits, so that no batch is too large to ever fit.
 """
 
 from __future__ import annotations
@@ -22,7 +33,13 @@ import grpc
 from raftmq.partition.ring import partition_for_key
 from raftmq.v1 import raftmq_pb2, raftmq_pb2_grpc
 
-from ._batch import Batch, PendingRecord, record_entry_bytes, request_overhead_bytes
+from ._batch import (
+    Batch,
+    PendingRecord,
+    record_entry_bytes,
+    record_stored_bytes,
+    request_overhead_bytes,
+)
 from ._channel import (
     ChannelPool,
     MetadataCache,
@@ -31,6 +48,7 @@ from ._channel import (
     parse_bootstrap_servers,
 )
 from .errors import (
+    BacklogFullError,
     BufferFullError,
     NotLeaderError,
     ProducerClosedError,
@@ -137,6 +155,11 @@ class Producer:
         self._lock = threading.Lock()
         self._sender_wakeup = threading.Condition(self._lock)
         self._buffer_space = threading.Condition(self._lock)
+        # Notified when a partition is no longer marked full.
+        self._backlog_space = threading.Condition(self._lock)
+        # The last BACKLOG_FULL rejection of each partition marked full. A
+        # partition stays marked until one of its batches is settled.
+        self._backlog_full: dict[TopicPartitionKey, BacklogFullError] = {}
         self._batches: dict[TopicPartitionKey, deque[Batch]] = {}
         self._in_flight: dict[TopicPartitionKey, Batch] = {}
         self._next_sequence: dict[TopicPartitionKey, int] = {}
@@ -173,12 +196,15 @@ class Producer:
         """Queue a record and return a Future that resolves to its RecordMetadata.
 
         Blocks for up to max_block_ms in total while the topic's partition
-        count is unknown or the buffer is full. Raises BufferFullError when
-        the buffer stayed full, RaftMQError (UNKNOWN_TOPIC or the last
-        metadata error) when the partition count could not be fetched,
-        ProducerClosedError after close(), and TypeError or ValueError for
-        invalid arguments. Delivery failures, including RECORD_TOO_LARGE,
-        fail the returned Future instead.
+        count is unknown, while the record's partition rejects records at
+        its backlog limit, or while the buffer is full. Raises
+        BacklogFullError (its `limit` names the limit hit) when the
+        partition kept rejecting, BufferFullError when the buffer stayed
+        full, RaftMQError (UNKNOWN_TOPIC or the last metadata error) when
+        the partition count could not be fetched, ProducerClosedError after
+        close(), and TypeError or ValueError for invalid arguments. Delivery
+        failures, including RECORD_TOO_LARGE and BacklogFullError after
+        delivery_timeout_ms, fail the returned Future instead.
 
         `timestamp_ms` None stamps the current time, and 0 lets the partition
         leader stamp its append time, which the ack carries back into
@@ -190,7 +216,8 @@ class Producer:
         future: Future = Future()
         # A record that was accepted can no longer be withdrawn.
         future.set_running_or_notify_cancel()
-        pending = PendingRecord(record, future, record_entry_bytes(record))
+        pending = PendingRecord(record, future, record_entry_bytes(record),
+                                record_stored_bytes(record))
 
         too_large = self._check_record_size(topic, pending.entry_bytes)
         if too_large is None:
@@ -215,14 +242,15 @@ class Producer:
             partition = partition_for_key(record.key, partition_count)
 
         with self._lock:
-            self._reserve_buffer(topic, pending.entry_bytes, deadline)
+            keyless = partition is None
             if partition is None:
                 assert partition_count is not None
                 partition = self._choose_keyless_partition(topic, partition_count)
-                batch = self._append(topic, partition, pending)
+            self._wait_for_backlog(topic, partition, deadline)
+            self._reserve_buffer(topic, pending.entry_bytes, deadline)
+            batch = self._append(topic, partition, pending)
+            if keyless:
                 self._sticky[topic] = (partition, batch)
-            else:
-                self._append(topic, partition, pending)
         return future
 
     def flush(self, timeout: float | None = None) -> None:
@@ -261,8 +289,9 @@ class Producer:
             if self._closed:
                 return
             self._closed = True
-            # Wake send() calls blocked on a full buffer, so they raise.
+            # Wake send() calls blocked on a full buffer or partition, so they raise.
             self._buffer_space.notify_all()
+            self._backlog_space.notify_all()
         try:
             self.flush(timeout)
         except TimeoutError:
@@ -395,6 +424,34 @@ class Producer:
             raise ProducerClosedError(f"cannot send to topic {topic!r}: the producer is closed")
         self._buffer_bytes += entry_bytes
 
+    def _wait_for_backlog(self, topic: str, partition: int, deadline: float) -> None:
+        """Wait, with _lock held, while the partition is marked full."""
+        tp = (topic, partition)
+        while tp in self._backlog_full:
+            if self._closed:
+                raise ProducerClosedError(f"cannot send to topic {topic!r}: the producer is closed")
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise self._backlog_blocked_error(tp, self._backlog_full[tp])
+            self._backlog_space.wait(remaining_s)
+
+    def _backlog_blocked_error(
+        self, tp: TopicPartitionKey, rejection: BacklogFullError
+    ) -> BacklogFullError:
+        limit = rejection.limit or "backlog limit"
+        metadata = rejection.metadata
+        backlog_messages = metadata.get("backlog_messages", "?")
+        backlog_bytes = metadata.get("backlog_bytes", "?")
+        return BacklogFullError(
+            f"cannot send to {tp[0]}[{tp[1]}]: the partition kept rejecting records at "
+            f"{limit}={metadata.get(limit, '?')} (backlog of {backlog_messages} records, "
+            f"{backlog_bytes} bytes) for max_block_ms={self._max_block_ms}; send to a topic "
+            "with a higher limit or with overflow_policy 'drop_oldest'",
+            rejection.reason,
+            rejection.code,
+            rejection.metadata,
+        )
+
     def _choose_keyless_partition(self, topic: str, partition_count: int) -> int:
         """Pick a partition for a keyless record, with _lock held.
 
@@ -406,10 +463,13 @@ class Producer:
         if sticky is not None:
             partition, batch = sticky
             open_batch = not batch.sealed and batch.size_bytes < self._batch_size
-            if open_batch and partition < partition_count:
+            full = (topic, partition) in self._backlog_full
+            if open_batch and partition < partition_count and not full:
                 return partition
         led = self._metadata.current.partitions_with_leader(topic)
         candidates = [p for p in led if p < partition_count] or list(range(partition_count))
+        # Partitions rejecting at a backlog limit only when all of them are.
+        candidates = [p for p in candidates if (topic, p) not in self._backlog_full] or candidates
         counter = self._round_robin.get(topic)
         if counter is None:
             counter = random.randrange(partition_count)
@@ -421,8 +481,10 @@ class Producer:
         tp = (topic, partition)
         queue = self._batches.setdefault(tp, deque())
         batch = queue[-1] if queue and not queue[-1].sealed else None
-        if batch is not None and not batch.fits(
-            pending.entry_bytes, self._batch_size, self._max_request_bytes
+        max_messages, max_bytes = self._metadata.current.backlog_limits(topic)
+        if batch is not None and not (
+            batch.fits(pending.entry_bytes, self._batch_size, self._max_request_bytes)
+            and batch.fits_backlog(pending.stored_bytes, max_messages, max_bytes)
         ):
             batch.sealed = True
             batch = None
@@ -461,10 +523,16 @@ class Producer:
             expired = [batch for batch in queue if batch.deadline_monotonic <= now]
             for batch in expired:
                 queue.remove(batch)
+                if batch.last_error is None and tp in self._backlog_full:
+                    # It waited behind a batch the partition kept rejecting.
+                    batch.last_error = self._backlog_full[tp]
                 self._release_buffer(batch)
                 self._counters["records_failed"] += len(batch.records)
             if not queue:
                 del self._batches[tp]
+                if tp in self._backlog_full and tp not in self._in_flight:
+                    del self._backlog_full[tp]
+                    self._backlog_space.notify_all()
             expired_all.extend(expired)
         return expired_all
 
@@ -617,13 +685,21 @@ class Producer:
             return
         retriable = error.retriable or error.code in _RETRIABLE_CODES
         delay_s = backoff_delay_s(batch.attempts, self._retry_backoff_ms, self._retry_backoff_max_ms)
+        if isinstance(error, BacklogFullError):
+            # Without a retry hint the batch alone exceeds the limit, and no
+            # retry can succeed.
+            retriable = error.retriable
+            if error.retry_after_ms is not None:
+                delay_s = max(delay_s, error.retry_after_ms / 1000.0)
+                with self._lock:
+                    self._backlog_full[(batch.topic, batch.partition)] = error
         retry_at = time.monotonic() + delay_s
         if not retriable or retry_at >= batch.deadline_monotonic:
             self._finish(batch, error=self._timeout_error(batch) if retriable else error)
             return
         if isinstance(error, NotLeaderError) and error.leader_address:
             self._metadata.set_leader_hint(batch.topic, batch.partition, error.leader_address)
-        else:
+        elif not isinstance(error, BacklogFullError):
             try:
                 self._metadata.refresh(min_interval_ms=self._retry_backoff_ms)
             except RaftMQError as refresh_error:
@@ -657,8 +733,14 @@ class Producer:
     ) -> None:
         """Settle an in-flight batch: free its buffer bytes and resolve its futures."""
         with self._lock:
-            del self._in_flight[(batch.topic, batch.partition)]
+            tp = (batch.topic, batch.partition)
+            del self._in_flight[tp]
             self._release_buffer(batch)
+            # A queued batch of a partition still marked full probes it next.
+            # Without one, the partition is unmarked and the next send() probes it.
+            if tp in self._backlog_full and (response is not None or not self._batches.get(tp)):
+                del self._backlog_full[tp]
+                self._backlog_space.notify_all()
             if response is not None:
                 self._counters["records_sent"] += len(batch.records)
                 self._counters["batches_sent"] += 1

@@ -64,6 +64,12 @@ class TopicRecord:
     replication_factor: int
     partitions: tuple[PartitionPlacement, ...]
     max_message_bytes: int
+    # Backlog limits per partition (0: no limit) and what a partition at a
+    # limit does: "reject" or "drop_oldest". Records written before these
+    # fields existed load the defaults.
+    max_backlog_messages: int = 0
+    max_backlog_bytes: int = 0
+    overflow_policy: str = "reject"
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,9 @@ class MetadataStore(LmdbStore):
             topics[doc["name"]] = TopicRecord(
                 doc["name"], doc["topic_id"], doc["replication_factor"], placements,
                 doc["max_message_bytes"],
+                max_backlog_messages=doc.get("max_backlog_messages", 0),
+                max_backlog_bytes=doc.get("max_backlog_bytes", 0),
+                overflow_policy=doc.get("overflow_policy") or "reject",
             )
         leaders = {}
         for key, raw in txn.cursor(db=self.dbs[b"leaders"]):
@@ -238,6 +247,11 @@ class MetadataStore(LmdbStore):
             "replication_factor": replication_factor,
             "partitions": placements,
             "max_message_bytes": doc["max_message_bytes"],
+            # Optional: create_topic commands journaled before backlog
+            # limits existed lack them.
+            "max_backlog_messages": doc.get("max_backlog_messages", 0),
+            "max_backlog_bytes": doc.get("max_backlog_bytes", 0),
+            "overflow_policy": doc.get("overflow_policy") or "reject",
         }
         txn.put(name.encode(), json.dumps(record, sort_keys=True).encode(), db=self.dbs[b"topics"])
         counts = self.view.partition_counts()

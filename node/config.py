@@ -25,7 +25,7 @@ class NodeConfig:
     # Address the gRPC server binds, and the address clients are given.
     grpc_bind: str
     grpc_advertised: str
-    # Address other nodes use to forward calls to this node; it differs from
+    # Address other nodes use to forward calls to this node. It differs from
     # grpc_advertised when clients reach the node through a published port.
     grpc_internal: str
     # Host and first port of this node's Raft endpoints: the metadata group

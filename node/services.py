@@ -26,6 +26,7 @@ from ..partition.ring import partition_for_key
 from ..raft.group import CommandRejected, CommitTimeout, NotLeader
 from ..raft.store import ApplyError
 from ..v1 import raftmq_pb2, raftmq_pb2_grpc
+from .backlog import OverflowLog, backlog_config
 from .status import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,10 @@ class _Base:
 
 
 class ProducerServicer(_Base, raftmq_pb2_grpc.ProducerServiceServicer):
+    def __init__(self, node):
+        super().__init__(node)
+        self.overflow_log = OverflowLog(node.node_id)
+
     @handle
     def Produce(self, request: raftmq_pb2.ProduceRequest, context) -> raftmq_pb2.ProduceResponse:
         topic = self.topic(request.topic)
@@ -291,6 +296,11 @@ class ProducerServicer(_Base, raftmq_pb2_grpc.ProducerServiceServicer):
             producer_id=request.producer_id,
             sequence=request.sequence,
             append_time_ms=time.time_ns() // 1_000_000,
+            # The store enforces the limits the command carries, so every
+            # replica applies the same rule from the log alone.
+            max_backlog_messages=topic.max_backlog_messages,
+            max_backlog_bytes=topic.max_backlog_bytes,
+            overflow_policy=topic.overflow_policy,
         ))
         if len(command) > self.node.settings.max_command_bytes:
             raise ServiceError(
@@ -303,6 +313,8 @@ class ProducerServicer(_Base, raftmq_pb2_grpc.ProducerServiceServicer):
                 records=len(request.records),
             )
         result = self.submit(hosted, topic, partition, command, remaining_s(context, timeout_cap_s))
+        if result.dropped_records:
+            self.overflow_log.dropped(topic.name, partition, result.dropped_records, hosted.store)
         if result.duplicate and result.record_count != len(request.records):
             raise ServiceError(
                 "OUT_OF_ORDER_SEQUENCE",
@@ -324,6 +336,14 @@ class ProducerServicer(_Base, raftmq_pb2_grpc.ProducerServiceServicer):
     def submit(self, hosted, topic, partition, command: bytes, timeout_s: float) -> AppendResult:
         try:
             return hosted.group.submit(command, timeout_s)
+        except ApplyError as exc:
+            if exc.reason != "BACKLOG_FULL":
+                raise
+            self.overflow_log.rejected(topic.name, partition, exc)
+            raise ServiceError(
+                "BACKLOG_FULL", f"partition {partition} of {topic.name!r}: {exc.message}",
+                topic=topic.name, partition=partition, **exc.metadata,
+            ) from None
         except NotLeader:
             raise self.not_leader(topic, partition) from None
         except CommitTimeout:
@@ -466,13 +486,18 @@ class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
                 f"{self.node.config.max_request_bytes}",
                 max_message_bytes=max_message_bytes,
             )
+        limits = backlog_config(request.config,
+                                max_message_bytes or self.node.config.max_message_bytes)
         record = self.metadata_submit(encode_command(
             "create_topic", name=request.name, partitions=request.partitions,
             replication_factor=replication_factor, max_message_bytes=max_message_bytes,
-            now_ms=time.time_ns() // 1_000_000,
+            now_ms=time.time_ns() // 1_000_000, **limits,
         ), context)
-        logger.info("node=%d topic=%s partitions=%d replication_factor=%d event=topic_created",
-                    self.node.node_id, request.name, request.partitions, replication_factor)
+        logger.info("node=%d topic=%s partitions=%d replication_factor=%d max_backlog_messages=%d "
+                    "max_backlog_bytes=%d overflow_policy=%s event=topic_created",
+                    self.node.node_id, request.name, request.partitions, replication_factor,
+                    limits["max_backlog_messages"], limits["max_backlog_bytes"],
+                    limits["overflow_policy"])
         self.wait_for_leaders(record, remaining_s(context, CREATE_TOPIC_WAIT_FOR_LEADERS_S))
         return raftmq_pb2.CreateTopicResponse(topic=self.topic_info(self.node.view.topics[record.name]))
 
@@ -544,6 +569,12 @@ class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
             if hosted is not None and hosted.topic_id == topic.topic_id:
                 info.high_watermark = hosted.store.high_watermark
                 info.raft_term = hosted.group.term()
+                store = hosted.store
+                info.log_start_offset = store.log_start_offset
+                info.backlog_messages = store.backlog_messages
+                info.backlog_bytes = store.backlog_bytes
+                info.dropped_records = store.dropped_records
+                info.rejected_records = store.rejected_records
                 # NOTE: only the leader's node tracks which replicas are
                 # connected, so other nodes leave in_sync_replicas empty.
                 if hosted.group.is_leader():
@@ -556,6 +587,9 @@ class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
         return raftmq_pb2.TopicInfo(
             name=topic.name, partitions=partitions, replication_factor=topic.replication_factor,
             config=raftmq_pb2.TopicConfig(
-                max_message_bytes=topic.max_message_bytes or self.node.config.max_message_bytes),
+                max_message_bytes=topic.max_message_bytes or self.node.config.max_message_bytes,
+                max_backlog_messages=topic.max_backlog_messages,
+                max_backlog_bytes=topic.max_backlog_bytes,
+                overflow_policy=topic.overflow_policy),
             topic_id=topic.topic_id,
         )

@@ -22,6 +22,19 @@ An APPEND command is a fixed header followed by `record_count` records:
                            timestamp_ms == 0)
     record_count  uint32
 
+An APPEND_LIMITED command is an APPEND whose header also carries the
+topic's backlog limits, stamped by the leader from the topic config so that
+every replica enforces the same limits from the log alone:
+
+    kind          uint8   (COMMAND_APPEND_LIMITED)
+    producer_id, sequence, append_time_ms, record_count  as in APPEND
+    max_backlog_messages  uint64  (0: no limit)
+    max_backlog_bytes     uint64  (0: no limit)
+    overflow_policy       uint8   (0: reject, 1: drop_oldest)
+
+encode_append writes the plain APPEND header when the command has no limits,
+so commands of topics without limits are unchanged.
+
 A GROUP command (consumer group cursors: claim, commit, reset) is the kind
 byte COMMAND_GROUP followed by a UTF-8 JSON object; it is small and rare
 next to appends, so readability wins over size.
@@ -31,16 +44,25 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 COMMAND_APPEND = 1
 COMMAND_GROUP = 2
+COMMAND_APPEND_LIMITED = 3
+APPEND_KINDS = (COMMAND_APPEND, COMMAND_APPEND_LIMITED)
+
+# Overflow policies of a topic with backlog limits, by name and wire value.
+OVERFLOW_REJECT = "reject"
+OVERFLOW_DROP_OLDEST = "drop_oldest"
+OVERFLOW_POLICIES = (OVERFLOW_REJECT, OVERFLOW_DROP_OLDEST)
 
 _RECORD_TIMESTAMP = struct.Struct(">q")
 _INT32 = struct.Struct(">i")
 _UINT32 = struct.Struct(">I")
 _UINT16 = struct.Struct(">H")
 _APPEND_HEADER = struct.Struct(">BQQqI")
+_LIMITS = struct.Struct(">QQB")
 
 MAX_HEADER_COUNT = 0xFFFF
 MAX_HEADER_NAME_BYTES = 0xFFFF
@@ -66,6 +88,14 @@ class AppendCommand:
     append_time_ms: int = 0
     # Encoded records, kept so apply stores them without re-encoding.
     encoded_records: tuple[bytes, ...] = field(default=(), compare=False)
+    # The topic's backlog limits (0: no limit) and overflow policy.
+    max_backlog_messages: int = 0
+    max_backlog_bytes: int = 0
+    overflow_policy: str = OVERFLOW_REJECT
+
+    @property
+    def has_limits(self) -> bool:
+        return bool(self.max_backlog_messages or self.max_backlog_bytes)
 
 
 def encode_record(record: Record) -> bytes:
@@ -89,6 +119,17 @@ def encode_record(record: Record) -> bytes:
         parts.append(_UINT32.pack(len(value)))
         parts.append(bytes(value))
     return b"".join(parts)
+
+
+def encoded_record_size(key: bytes | None, value: bytes,
+                        headers: Iterable[tuple[str, bytes]]) -> int:
+    """Return the length of encode_record's output for these fields."""
+    size = _RECORD_TIMESTAMP.size + _INT32.size + _UINT32.size + len(value) + _UINT16.size
+    if key is not None:
+        size += len(key)
+    for name, header_value in headers:
+        size += _UINT16.size + len(name.encode("utf-8")) + _UINT32.size + len(header_value)
+    return size
 
 
 def _take(data: memoryview, pos: int, size: int) -> tuple[bytes, int]:
@@ -148,12 +189,18 @@ def record_timestamp(encoded: bytes) -> int:
 
 def encode_append(command: AppendCommand) -> bytes:
     header = _APPEND_HEADER.pack(
-        COMMAND_APPEND,
+        COMMAND_APPEND_LIMITED if command.has_limits else COMMAND_APPEND,
         command.producer_id,
         command.sequence,
         command.append_time_ms,
         len(command.records),
     )
+    if command.has_limits:
+        header += _LIMITS.pack(
+            command.max_backlog_messages,
+            command.max_backlog_bytes,
+            OVERFLOW_POLICIES.index(command.overflow_policy),
+        )
     return header + b"".join(encode_record(record) for record in command.records)
 
 
@@ -162,9 +209,22 @@ def decode_append(data: bytes) -> AppendCommand:
     if len(view) < _APPEND_HEADER.size:
         raise CodecError(f"append command of {len(view)} bytes is shorter than its header")
     kind, producer_id, sequence, append_time_ms, count = _APPEND_HEADER.unpack_from(view, 0)
-    if kind != COMMAND_APPEND:
+    if kind not in APPEND_KINDS:
         raise CodecError(f"command kind {kind} is not APPEND")
     pos = _APPEND_HEADER.size
+    limits: dict = {}
+    if kind == COMMAND_APPEND_LIMITED:
+        if len(view) < pos + _LIMITS.size:
+            raise CodecError(f"append command of {len(view)} bytes is shorter than its limits")
+        max_messages, max_bytes, policy = _LIMITS.unpack_from(view, pos)
+        if policy >= len(OVERFLOW_POLICIES):
+            raise CodecError(f"unknown overflow policy {policy}")
+        limits = {
+            "max_backlog_messages": max_messages,
+            "max_backlog_bytes": max_bytes,
+            "overflow_policy": OVERFLOW_POLICIES[policy],
+        }
+        pos += _LIMITS.size
     records = []
     encoded = []
     for _ in range(count):
@@ -174,7 +234,8 @@ def decode_append(data: bytes) -> AppendCommand:
         encoded.append(bytes(view[start:pos]))
     if pos != len(view):
         raise CodecError(f"{len(view) - pos} trailing bytes after {count} records")
-    return AppendCommand(tuple(records), producer_id, sequence, append_time_ms, tuple(encoded))
+    return AppendCommand(tuple(records), producer_id, sequence, append_time_ms, tuple(encoded),
+                         **limits)
 
 
 def encode_group_command(op: str, **fields: object) -> bytes:

@@ -28,8 +28,9 @@ APPEND command (codec.COMMAND_APPEND_LIMITED), so apply stays a function of
 with. With "reject", an append that would take the backlog over a limit
 fails with BACKLOG_FULL and appends nothing, although the rejected record
 count is still stored. A batch larger than a limit by itself can never be
-accepted. With "drop_oldest", the append always succeeds, then the oldest
-records are deleted and log_start_offset advances until the backlog fits.
+accepted. With "drop_oldest", no append fails for its size: the store
+appends the batch, then deletes the oldest records and advances
+log_start_offset until the backlog fits.
 That can delete records of the same batch when the batch alone is over a
 limit. A repeated idempotent sequence returns its first offsets before any
 limit is checked.

@@ -514,16 +514,20 @@ def test_cli_topic_commands(shared_cluster):
     assert describe_code == 0
     lines = describe_out.splitlines()
     assert lines[0].startswith("topic cli-topics: 2 partitions, replication factor 3, ")
-    assert lines[1].split() == [
-        "PARTITION", "LEADER", "REPLICAS", "IN-SYNC", "HIGH", "WATERMARK", "TERM"
+    assert lines[1] == ("backlog limits: max backlog messages none, max backlog bytes none, "
+                        "overflow policy reject")
+    assert lines[2].split() == [
+        "PARTITION", "LEADER", "REPLICAS", "IN-SYNC", "HIGH", "WATERMARK", "TERM",
+        "LOG", "START", "BACKLOG", "BACKLOG", "BYTES", "DROPPED", "REJECTED",
     ]
-    rows = table_rows(lines[1:])
+    rows = table_rows(lines[2:])
     assert [row[0] for row in rows] == ["0", "1"]
-    for partition, leader, replicas, _, high_watermark, term in rows:
+    for partition, leader, replicas, _, high_watermark, term, *backlog in rows:
         assert leader in ("1", "2", "3")
         assert sorted(replicas.split(",")) == ["1", "2", "3"]
         assert high_watermark == "0"
         assert int(term) >= 1
+        assert backlog == ["0", "0", "0", "0", "0"]
     assert delete_code == 0
     assert "cli-topics" not in list_after_delete.splitlines()
     assert missing_code == 1
