@@ -78,6 +78,8 @@ class TopicDescription:
     max_backlog_bytes: int = 0
     # "reject" or "drop_oldest": what a partition at a limit does.
     overflow_policy: str = "reject"
+    # Records older than this are deleted; 0 keeps them forever.
+    retention_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ class Admin:
         max_backlog_messages: int = 0,
         max_backlog_bytes: int = 0,
         overflow_policy: str = OVERFLOW_REJECT,
+        retention_ms: int = 0,
     ) -> TopicDescription:
         """Create a topic and return it as the controller stored it.
 
@@ -184,7 +187,8 @@ class Admin:
         0 for no limit. At a limit, overflow_policy "reject" fails new
         batches with BACKLOG_FULL, and "drop_oldest" deletes the oldest
         records. The node rejects a max_backlog_bytes below the topic's
-        max_message_bytes.
+        max_message_bytes. retention_ms deletes records older than that
+        (0 keeps them forever).
         """
         _check_topic_name(name)
         check_positive_int("partitions", partitions)
@@ -192,6 +196,7 @@ class Admin:
         check_positive_int("max_message_bytes", max_message_bytes, allow_zero=True)
         check_positive_int("max_backlog_messages", max_backlog_messages, allow_zero=True)
         check_positive_int("max_backlog_bytes", max_backlog_bytes, allow_zero=True)
+        check_positive_int("retention_ms", retention_ms, allow_zero=True)
         if overflow_policy not in OVERFLOW_POLICIES:
             raise ValueError(
                 f"overflow_policy must be one of {', '.join(OVERFLOW_POLICIES)}, "
@@ -206,6 +211,7 @@ class Admin:
                 max_backlog_messages=max_backlog_messages,
                 max_backlog_bytes=max_backlog_bytes,
                 overflow_policy=overflow_policy,
+                retention_ms=retention_ms,
             ),
         )
         response = self._call(lambda stub: stub.CreateTopic, request)
@@ -383,4 +389,5 @@ def _topic_description(topic: raftmq_pb2.TopicInfo) -> TopicDescription:
         max_backlog_bytes=topic.config.max_backlog_bytes,
         # A node that predates backlog limits sends no policy.
         overflow_policy=topic.config.overflow_policy or OVERFLOW_REJECT,
+        retention_ms=topic.config.retention_ms,
     )

@@ -155,6 +155,13 @@ def _add_topic_commands(commands: argparse._SubParsersAction) -> None:
         help="what a partition at a backlog limit does with new records: reject them "
         "(producers get BACKLOG_FULL) or drop the oldest records (default: reject)",
     )
+    create.add_argument(
+        "--retention-ms",
+        type=_non_negative_int,
+        default=0,
+        metavar="MS",
+        help="delete records older than MS milliseconds (default: 0, keep forever)",
+    )
     create.set_defaults(func=_topic_create)
 
     list_ = actions.add_parser("list", help="print topic names, one per line")
@@ -422,6 +429,7 @@ def _topic_create(args: argparse.Namespace) -> int:
             max_backlog_messages=args.max_backlog_messages,
             max_backlog_bytes=args.max_backlog_bytes,
             overflow_policy=args.overflow_policy,
+            retention_ms=args.retention_ms,
         )
     print(
         f"created topic {topic.name} with {len(topic.partitions)} partitions, "
@@ -449,7 +457,8 @@ def _topic_describe(args: argparse.Namespace) -> int:
     print(
         f"backlog limits: max backlog messages {topic.max_backlog_messages or 'none'}, "
         f"max backlog bytes {topic.max_backlog_bytes or 'none'}, "
-        f"overflow policy {topic.overflow_policy}"
+        f"overflow policy {topic.overflow_policy}, retention "
+        f"{f'{topic.retention_ms} ms' if topic.retention_ms else 'forever'}"
     )
     rows = [
         [*row, str(p.log_start_offset), str(p.backlog_messages), str(p.backlog_bytes),

@@ -70,6 +70,8 @@ class TopicRecord:
     max_backlog_messages: int = 0
     max_backlog_bytes: int = 0
     overflow_policy: str = "reject"
+    # Records older than this are deleted; 0 keeps them forever.
+    retention_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class MetadataStore(LmdbStore):
                 max_backlog_messages=doc.get("max_backlog_messages", 0),
                 max_backlog_bytes=doc.get("max_backlog_bytes", 0),
                 overflow_policy=doc.get("overflow_policy") or "reject",
+                retention_ms=doc.get("retention_ms", 0),
             )
         leaders = {}
         for key, raw in txn.cursor(db=self.dbs[b"leaders"]):
@@ -252,6 +255,7 @@ class MetadataStore(LmdbStore):
             "max_backlog_messages": doc.get("max_backlog_messages", 0),
             "max_backlog_bytes": doc.get("max_backlog_bytes", 0),
             "overflow_policy": doc.get("overflow_policy") or "reject",
+            "retention_ms": doc.get("retention_ms", 0),
         }
         txn.put(name.encode(), json.dumps(record, sort_keys=True).encode(), db=self.dbs[b"topics"])
         counts = self.view.partition_counts()

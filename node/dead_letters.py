@@ -13,7 +13,8 @@ a failover therefore yields exactly one dead-letter record: the new leader's
 mover repeats the append, gets the same offset, and settles the record.
 
 The dead-letter topic is created on first use, with the source topic's
-partition count and replication factor, and a record goes to the partition
+partition count and replication factor and the node's
+dead_letter_retention_ms (7 days by default), and a record goes to the partition
 with the source partition's number (modulo the count), which keeps the
 records of one key in one partition and in order.
 """
@@ -179,6 +180,7 @@ class DeadLetterMover:
                 "create_topic", name=name, partitions=len(source.partitions),
                 replication_factor=source.replication_factor,
                 max_message_bytes=source.max_message_bytes, now_ms=time.time_ns() // 1_000_000,
+                retention_ms=self.node.config.dead_letter_retention_ms,
             ), PRODUCE_TIMEOUT_S)
             logger.info("node=%d topic=%s source_topic=%s event=dead_letter_topic_created",
                         self.node.node_id, name, source.name)

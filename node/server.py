@@ -96,6 +96,9 @@ class Node:
         from .dead_letters import DeadLetterMover
 
         self.dead_letter_mover = DeadLetterMover(self)
+        from .retention import RetentionEnforcer
+
+        self.retention = RetentionEnforcer(self)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -121,6 +124,7 @@ class Node:
         self._reconciler.start()
         self.group_coordinator.start()
         self.dead_letter_mover.start()
+        self.retention.start()
         logger.info("node=%d event=node_started", self.node_id)
 
     def _start_grpc(self) -> None:
@@ -175,6 +179,7 @@ class Node:
             self._reconciler.join(timeout=5)
         self.group_coordinator.stop()
         self.dead_letter_mover.stop()
+        self.retention.stop()
         with self._partitions_lock:
             hosted = list(self._partitions.values())
             self._partitions.clear()

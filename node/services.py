@@ -488,10 +488,14 @@ class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
             )
         limits = backlog_config(request.config,
                                 max_message_bytes or self.node.config.max_message_bytes)
+        if request.config.retention_ms < 0:
+            raise ServiceError(
+                "INVALID_REQUEST", f"retention_ms {request.config.retention_ms} is negative; use 0 "
+                "to keep records forever", retention_ms=request.config.retention_ms)
         record = self.metadata_submit(encode_command(
             "create_topic", name=request.name, partitions=request.partitions,
             replication_factor=replication_factor, max_message_bytes=max_message_bytes,
-            now_ms=time.time_ns() // 1_000_000, **limits,
+            now_ms=time.time_ns() // 1_000_000, retention_ms=request.config.retention_ms, **limits,
         ), context)
         logger.info("node=%d topic=%s partitions=%d replication_factor=%d max_backlog_messages=%d "
                     "max_backlog_bytes=%d overflow_policy=%s event=topic_created",
@@ -590,6 +594,7 @@ class AdminServicer(_Base, raftmq_pb2_grpc.AdminServiceServicer):
                 max_message_bytes=topic.max_message_bytes or self.node.config.max_message_bytes,
                 max_backlog_messages=topic.max_backlog_messages,
                 max_backlog_bytes=topic.max_backlog_bytes,
-                overflow_policy=topic.overflow_policy),
+                overflow_policy=topic.overflow_policy,
+                retention_ms=topic.retention_ms),
             topic_id=topic.topic_id,
         )

@@ -35,9 +35,9 @@ every replica enforces the same limits from the log alone:
 encode_append writes the plain APPEND header when the command has no limits,
 so commands of topics without limits are unchanged.
 
-A GROUP command (consumer group cursors: claim, commit, reset) is the kind
-byte COMMAND_GROUP followed by a UTF-8 JSON object; it is small and rare
-next to appends, so readability wins over size.
+A GROUP command (consumer group cursors and deliveries, and retention) is
+the kind byte COMMAND_GROUP followed by a UTF-8 JSON object; it is small
+and rare next to appends, so readability wins over size.
 """
 
 from __future__ import annotations

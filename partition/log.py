@@ -162,13 +162,51 @@ class PartitionStore(LmdbStore):
         try:
             kind = codec.command_kind(command)
             if kind == codec.COMMAND_GROUP:
-                return self._apply_group(txn, codec.decode_group_command(command))
+                doc = codec.decode_group_command(command)
+                if doc["op"] == "retention":
+                    return self._apply_retention(txn, doc)
+                return self._apply_group(txn, doc)
             if kind not in codec.APPEND_KINDS:
                 raise ApplyError("INVALID_REQUEST", f"unknown partition command kind {kind}")
             append = codec.decode_append(command)
         except codec.CodecError as exc:
             raise ApplyError("INVALID_REQUEST", f"undecodable partition command: {exc}") from exc
         return self._apply_append(txn, append)
+
+    # --- retention ------------------------------------------------------
+
+    def oldest_timestamp_ms(self) -> int | None:
+        """Timestamp of the record at the log start offset, None for an empty log."""
+
+        def read(txn: lmdb.Transaction) -> int | None:
+            raw = txn.get(_U64.pack(self._log_start_offset), db=self.dbs[b"records"])
+            return None if raw is None else codec.record_timestamp(bytes(raw))
+
+        return self.read(read)
+
+    def _apply_retention(self, txn: lmdb.Transaction, doc: dict) -> dict:
+        """Delete records from the log start while their timestamp is below
+        before_ms, at most max_records of them. The log stays contiguous: the
+        first record that is new enough stops the deletion, even if a later
+        one carries an older producer timestamp."""
+        before_ms, max_records = int(doc["before_ms"]), int(doc["max_records"])
+        log_start_offset = self._log_start_offset
+        size_bytes = self._backlog.size_bytes
+        expired = 0
+        cursor = txn.cursor(db=self.dbs[b"records"])
+        if cursor.set_key(_U64.pack(log_start_offset)):
+            while (expired < max_records and log_start_offset < self._next_offset
+                   and codec.record_timestamp(bytes(cursor.value())) < before_ms):
+                size_bytes -= len(cursor.value())
+                cursor.delete()
+                log_start_offset = Offset(log_start_offset + 1)
+                expired += 1
+        if expired:
+            backlog = _Backlog(size_bytes, self._backlog.dropped_records,
+                               self._backlog.rejected_records)
+            self._write_log_state(txn, self._next_offset, log_start_offset, backlog)
+            self._staged_backlog = (log_start_offset, backlog)
+        return {"expired": expired, "log_start_offset": log_start_offset}
 
     # --- consumer group cursors ------------------------------------------
 

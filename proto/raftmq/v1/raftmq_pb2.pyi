@@ -131,16 +131,18 @@ class ListOffsetsResponse(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionOffsets, _Mapping]]] = ...) -> None: ...
 
 class TopicConfig(_message.Message):
-    __slots__ = ("max_message_bytes", "max_backlog_messages", "max_backlog_bytes", "overflow_policy")
+    __slots__ = ("max_message_bytes", "max_backlog_messages", "max_backlog_bytes", "overflow_policy", "retention_ms")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BACKLOG_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_BACKLOG_BYTES_FIELD_NUMBER: _ClassVar[int]
     OVERFLOW_POLICY_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_backlog_messages: int
     max_backlog_bytes: int
     overflow_policy: str
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_backlog_messages: _Optional[int] = ..., max_backlog_bytes: _Optional[int] = ..., overflow_policy: _Optional[str] = ...) -> None: ...
+    retention_ms: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_backlog_messages: _Optional[int] = ..., max_backlog_bytes: _Optional[int] = ..., overflow_policy: _Optional[str] = ..., retention_ms: _Optional[int] = ...) -> None: ...
 
 class CreateTopicRequest(_message.Message):
     __slots__ = ("name", "partitions", "replication_factor", "config")
