@@ -488,6 +488,20 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
             wait_s = max(0.0, min(wait_s, context.time_remaining() - 0.1))
         deadline = time.monotonic() + wait_s
         while True:
+            applied = hosted.store.applied_index
+            may_deliver, wake_ms = hosted.store.receive_may_deliver(
+                request.group_id, request.member_id, request.request_id, now_ms())
+            if not may_deliver:
+                # Nothing to deliver: wait without replicating an empty receive.
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    return raftmq_pb2.ReceiveResponse()
+                if wake_ms is not None:
+                    left_s = min(left_s, max(0.0, (wake_ms - now_ms()) / 1000) + 0.005)
+                hosted.store.wait_for_apply(applied, left_s)
+                if not hosted.group.is_leader():
+                    raise self.not_leader(topic, partition)
+                continue
             result = self.submit_cursor(hosted, topic, partition, codec.encode_group_command(
                 "receive", group=request.group_id, member=request.member_id,
                 generation=request.generation, request_id=request.request_id,

@@ -223,6 +223,37 @@ class PartitionStore(LmdbStore):
         """Unsettled records of an acks-mode group, by offset."""
         return self.read(lambda txn: delivery.read_entries(txn, self.dbs[b"deliveries"], group_id))
 
+    def receive_may_deliver(self, group_id: str, member_id: str, request_id: int,
+                            now_ms: int) -> tuple[bool, int | None]:
+        """Return (whether a receive now could return anything, when that may change).
+
+        A read-only forecast that lets the leader skip replicating receive
+        commands that would find nothing; the apply decides for real.
+        """
+
+        def read(txn: lmdb.Transaction) -> tuple[bool, int | None]:
+            raw = txn.get(group_id.encode(), db=self.dbs[b"cursors"])
+            cursor = json.loads(raw) if raw is not None else None
+            if cursor is None or cursor.get("committed") is None:
+                return True, None
+            previous = cursor.get("receives", {}).get(member_id)
+            if previous is not None and previous["request_id"] == request_id:
+                return True, None
+            if cursor.get("next", cursor["committed"]) < self._next_offset:
+                return True, None
+            wake = None
+            for entry in delivery.read_entries(txn, self.dbs[b"deliveries"], group_id).values():
+                due = {"waiting": entry.get("due_ms"), "leased": entry.get("lease_until"),
+                       "ready": now_ms}.get(entry["state"])
+                if due is None:
+                    continue
+                if due <= now_ms:
+                    return True, None
+                wake = due if wake is None else min(wake, due)
+            return False, wake
+
+        return self.read(read)
+
     def groups_with_dead_letters(self) -> list[str]:
         """Groups whose records wait for their move to the dead-letter topic."""
 
