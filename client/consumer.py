@@ -547,7 +547,7 @@ class Consumer:
             )
             response = self._group_call(tp, lambda stub: stub.Ack, request)
             rejected += [(tp, result) for result in response.results if result.reason]
-        if self._breaker is not None:
+        if self._breaker is not None and len(rejected) < len(records):
             self._breaker.record_success()
         if rejected:
             tp, first = rejected[0]

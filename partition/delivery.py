@@ -207,6 +207,11 @@ class DeliveryRules:
         problem = self._check_lease(offset, attempt, self.doc["member"])
         if problem is not None:
             return self._finish([], results=[problem])
+        if offset not in self.deliveries.entries:
+            # Settled already: a nack retried after its record was moved to
+            # the dead-letter topic (or settled by a later delivery).
+            return self._finish([], results=[{"offset": offset}],
+                                dead_lettered=attempt >= int(self.policy["max_attempts"]))
         error = str(self.doc.get("error", ""))[:MAX_ERROR_CHARS]
         delay = self.doc.get("delay_ms")
         entry = self._fail(offset, self.deliveries.entries[offset], self.now, error, delay)
@@ -218,6 +223,10 @@ class DeliveryRules:
         problem = self._check_lease(offset, attempt, self.doc["member"])
         if problem is not None:
             return self._finish([], results=[problem])
+        if offset not in self.deliveries.entries:
+            return self._finish([], results=[self._reject(
+                offset, "STALE_DELIVERY", f"offset {offset} is already settled; there is no "
+                "lease to extend")])
         entry = self.deliveries.entries[offset]
         entry["lease_until"] = self.now + int(self.doc["lease_ms"])
         self.deliveries.put(offset, entry)
