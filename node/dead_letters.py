@@ -6,8 +6,8 @@ out of attempts is in state "dead" with a sequence number (`dlq_seq`) that
 increases per source partition and group (partition/delivery.py). The
 mover appends it with the idempotent producer fields set to a producer id
 derived from (source topic id, partition, group) and that sequence. It
-handles one record at a time in sequence order, so each dead-letter
-partition sees this producer's sequences rise, and the partition state
+handles one record at a time in sequence order, so the sequences of this
+producer rise in each dead-letter partition, and the partition state
 returns the first append's offset to a repeated one. A move interrupted by
 a failover therefore yields exactly one dead-letter record: the new leader's
 mover repeats the append, gets the same offset, and settles the record.

@@ -4,7 +4,7 @@ For a topic with retention_ms, the leader of each partition checks every
 few seconds whether the record at the log start is older than
 now - retention_ms and, if so, replicates a `retention` command with that
 cut-off time. Apply deletes records from the log start while they are older
-than the cut-off, so every replica deletes the same records; the clock is
+than the cut-off, so every replica deletes the same records. The clock is
 read here, never in apply.
 """
 

@@ -311,6 +311,9 @@ class DeliveryRules:
         for offset in sorted(holding):
             first_of_key.setdefault(holding[offset].get("key") or f"#{offset}", offset)
         earliest = min(holding) if holding else None
+
+        # Unsettled records that may go out again: due retries and records
+        # that were held back, when nothing earlier holds them back now.
         chosen: list[int] = []
         for offset in sorted(holding):
             if len(chosen) >= limit:
@@ -354,6 +357,7 @@ class DeliveryRules:
                     first_of_key[key] = next_offset
             next_offset += 1
         self.cursor["next"] = next_offset
+
         delivered = []
         for offset in chosen:
             entry = dict(self.deliveries.entries[offset])
