@@ -131,6 +131,12 @@ class GroupPartition:
     high_watermark: int
     # None when nothing is committed.
     lag: int | None
+    # Groups with delivery_mode "acks": records leased, waiting for a retry,
+    # waiting for their move to the dead-letter topic, and moved so far.
+    in_flight: int = 0
+    waiting_retry: int = 0
+    dead_letter_pending: int = 0
+    dead_lettered: int = 0
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,8 @@ class GroupDescription:
     auto_offset_reset: str
     members: tuple[GroupMember, ...]
     partitions: tuple[GroupPartition, ...]
+    # "offsets" or "acks".
+    delivery_mode: str = "offsets"
 
 
 class Admin:
@@ -274,9 +282,11 @@ class Admin:
                     p.topic, p.partition, p.member_id,
                     None if p.committed_offset < 0 else p.committed_offset,
                     p.high_watermark, None if p.lag < 0 else p.lag,
+                    p.in_flight, p.waiting_retry, p.dead_letter_pending, p.dead_lettered,
                 )
                 for p in response.partitions
             ),
+            delivery_mode=response.delivery_mode or "offsets",
         )
 
     def reset_offsets(

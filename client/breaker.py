@@ -58,8 +58,13 @@ class CircuitBreaker:
                 self._trial_out = True
 
     def record_success(self) -> None:
+        """Count an ack. While open, or half-open before the trial record went
+        out, an ack (of a record received earlier) changes nothing."""
         with self._lock:
-            if self._state != CLOSED:
+            self._cool_down()
+            if self._state == OPEN or (self._state == HALF_OPEN and not self._trial_out):
+                return
+            if self._state == HALF_OPEN:
                 logger.info("circuit breaker closed: the trial record succeeded")
             self._state = CLOSED
             self._failures = 0

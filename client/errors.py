@@ -49,6 +49,7 @@ REASONS: dict[str, bool] = {
     "GROUP_NOT_EMPTY": False,
     # Per-message delivery; also the `reason` of a SettleResult.
     "LEASE_EXPIRED": False,
+    "FENCED_INSTANCE_ID": False,
     "STALE_DELIVERY": False,
     # Raised by the SDK itself, never sent by a node.
     "BUFFER_FULL": True,

@@ -127,8 +127,7 @@ class GroupMembership:
         """Return (generation, owned partitions, partitions being revoked)."""
         with self._lock:
             if self._fatal is not None:
-                error, self._fatal = self._fatal, None
-                raise error
+                raise self._fatal
             return self._generation, self._owned, self._revoking
 
     def poll_called(self) -> None:
@@ -200,11 +199,17 @@ class GroupMembership:
                     logger.warning("group %s: heartbeat failed (%s); retrying in %.0f ms",
                                    self.group_id, error, wait_s * 1000)
                 else:
-                    logger.error("group %s: membership failed: %s", self.group_id, error)
+                    # FENCED_INSTANCE_ID, INCONSISTENT_GROUP_PROTOCOL and the
+                    # like: joining again cannot help, so the thread stops and
+                    # every later poll() raises the error.
+                    logger.error("group %s: membership failed, heartbeats stop: %s",
+                                 self.group_id, error)
                     with self._lock:
                         self._fatal = error
+                        self._joined = False
+                        self._owned, self._revoking = frozenset(), frozenset()
                     self._on_change()
-                    wait_s = self._interval_s
+                    return
             except Exception:
                 logger.exception("group %s: heartbeat thread error", self.group_id)
                 wait_s = self._interval_s

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..raft.store import ApplyError
 from .assignment import STRATEGIES, assign
 
 RESET_POLICIES = ("latest", "earliest", "none")
+MAX_FENCED_MEMBERS = 100
 
 
 def tp_key(topic: str, partition: int) -> str:
@@ -69,6 +70,8 @@ class GroupRecord:
     topics: tuple[str, ...] = ()
     delivery: str = "offsets"
     policy: dict | None = None
+    # member id -> instance id, for static members replaced by a newer join.
+    fenced: dict[str, str] = field(default_factory=dict)
 
     @property
     def state(self) -> str:
@@ -102,6 +105,7 @@ def group_from_doc(doc: dict[str, Any]) -> GroupRecord:
         tuple(doc.get("topics", ())),
         doc.get("delivery", "offsets"),
         doc.get("policy"),
+        {member_id: instance_id for member_id, instance_id in doc.get("fenced", ())},
     )
 
 
@@ -173,6 +177,12 @@ def apply_join(doc: dict | None, command: dict, partition_counts: dict[str, int]
             topics_changed = True
         del members[replaced]
         members[member_id] = entry
+        # The replaced id is remembered so that, if its consumer is still
+        # running, it learns it was fenced instead of joining again and
+        # taking the partitions back.
+        fenced = doc.setdefault("fenced", [])
+        fenced.append([replaced, entry["instance_id"]])
+        del fenced[:-MAX_FENCED_MEMBERS]
         for key, owner in list(doc["owners"].items()):
             if owner == replaced:
                 doc["owners"][key] = member_id

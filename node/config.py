@@ -48,6 +48,9 @@ class NodeConfig:
     group_rebalance_timeout_ms: int = 30_000
     # Retention of the dead-letter topics that nodes create on demand.
     dead_letter_retention_ms: int = 7 * 24 * 3600 * 1000
+    # Produce rejects records whose timestamp is further ahead of the node's
+    # clock than this.
+    max_timestamp_future_ms: int = 3600 * 1000
     # Raft log compaction: snapshot after this many journal entries, or
     # after this long since the previous snapshot.
     raft_log_compaction_min_entries: int = 20000
@@ -97,6 +100,9 @@ class NodeConfig:
             if not MIN_GROUP_TIMEOUT_MS <= value <= MAX_GROUP_TIMEOUT_MS:
                 raise ValueError(
                     f"invalid {name} {value}: use {MIN_GROUP_TIMEOUT_MS} to {MAX_GROUP_TIMEOUT_MS}")
+        if self.max_timestamp_future_ms < 0:
+            raise ValueError(f"invalid max_timestamp_future_ms {self.max_timestamp_future_ms}: "
+                             "must be >= 0")
         if self.dead_letter_retention_ms < 0:
             raise ValueError(f"invalid dead_letter_retention_ms {self.dead_letter_retention_ms}: "
                              "must be >= 0 (0 keeps dead letters forever)")
@@ -109,7 +115,7 @@ _INT_FIELDS = {
     "max_request_bytes", "fetch_max_wait_ms", "produce_timeout_ms", "grpc_workers",
     "raft_log_compaction_min_entries", "raft_log_compaction_min_interval_ms", "fsync_interval_ms",
     "raft_log_compaction_max_journal_bytes", "group_session_timeout_ms",
-    "group_rebalance_timeout_ms", "dead_letter_retention_ms",
+    "group_rebalance_timeout_ms", "dead_letter_retention_ms", "max_timestamp_future_ms",
 }
 
 
@@ -146,6 +152,8 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dead-letter-retention-ms", type=int,
                         help="retention of dead-letter topics created on demand, in ms "
                              "(0 keeps dead letters forever)")
+    parser.add_argument("--max-timestamp-future-ms", type=int,
+                        help="reject records stamped further ahead of the node's clock, in ms")
     parser.add_argument("--raft-log-compaction-min-entries", type=int,
                         help="snapshot a Raft group after this many journal entries")
     parser.add_argument("--raft-log-compaction-min-interval-ms", type=int,

@@ -28,6 +28,7 @@ import time
 
 import grpc
 
+from ..client.errors import error_info_of
 from ..coordinator.metadata import TopicRecord, encode_command
 from ..partition import codec
 from ..v1 import raftmq_pb2, raftmq_pb2_grpc
@@ -39,6 +40,9 @@ MOVER_INTERVAL_S = 0.2
 MOVES_PER_TICK = 200
 PRODUCE_TIMEOUT_S = 10.0
 HEADER_PREFIX = "raftmq.dlq."
+# Room for the failure headers (the error text alone may be 4096 characters)
+# above the source topic's record size limit.
+DEAD_LETTER_HEADROOM_BYTES = 16 * 1024
 DLQ_SUFFIX = ".dlq"
 
 
@@ -150,7 +154,20 @@ class DeadLetterMover:
         address = self.node.internal_address_of(self.node.node_id) or self.node.config.grpc_advertised
         stub = raftmq_pb2_grpc.ProducerServiceStub(self._rpc.channel(address))
         try:
-            response = stub.Produce(request, timeout=PRODUCE_TIMEOUT_S)
+            try:
+                response = stub.Produce(request, timeout=PRODUCE_TIMEOUT_S)
+            except grpc.RpcError as error:
+                info = error_info_of(error)
+                if info is None or info.reason != "RECORD_TOO_LARGE":
+                    raise
+                # The dead-letter topic's limit is below the record plus its
+                # headers (a topic created by hand, say): keep the metadata
+                # and drop the payload rather than block the partition.
+                request.records[0].value = b""
+                request.records[0].headers.append(raftmq_pb2.Header(
+                    key=HEADER_PREFIX + "value_dropped",
+                    value=b"record too large for the dead-letter topic"))
+                response = stub.Produce(request, timeout=PRODUCE_TIMEOUT_S)
         except grpc.RpcError as error:
             self._log_failure((target, partition), f"append to {target}[{partition}] failed: "
                               f"{error.code().name} {error.details()}")
@@ -179,7 +196,10 @@ class DeadLetterMover:
             self.node.submit_metadata(encode_command(
                 "create_topic", name=name, partitions=len(source.partitions),
                 replication_factor=source.replication_factor,
-                max_message_bytes=source.max_message_bytes, now_ms=time.time_ns() // 1_000_000,
+                max_message_bytes=min(
+                    (source.max_message_bytes or self.node.config.max_message_bytes)
+                    + DEAD_LETTER_HEADROOM_BYTES, self.node.config.max_request_bytes),
+                now_ms=time.time_ns() // 1_000_000,
                 retention_ms=self.node.config.dead_letter_retention_ms,
             ), PRODUCE_TIMEOUT_S)
             logger.info("node=%d topic=%s source_topic=%s event=dead_letter_topic_created",

@@ -199,6 +199,15 @@ def normalize_policy(policy: raftmq_pb2.RetryPolicy) -> dict:
     return normalized
 
 
+def check_delivery_ref(delivery: raftmq_pb2.DeliveryRef) -> None:
+    if delivery.offset < 0:
+        raise ServiceError("INVALID_OFFSET", f"delivery offset {delivery.offset} is negative; use "
+                           "the offset of the record received", offset=delivery.offset)
+    if delivery.attempt < 1:
+        raise ServiceError("INVALID_REQUEST", f"delivery attempt {delivery.attempt} is below 1; "
+                           "use the attempt of the record received", attempt=delivery.attempt)
+
+
 def stored_record(offset: int, encoded: bytes) -> raftmq_pb2.StoredRecord:
     record = codec.decode_record(encoded)
     stored = raftmq_pb2.StoredRecord(
@@ -432,7 +441,11 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
             raise ServiceError("INVALID_OFFSET", f"offset {request.to_offset} is negative",
                                offset=request.to_offset)
         record = self.node.view.groups.get(request.group_id)
-        if record is not None and record.members:
+        if record is None:
+            raise ServiceError(
+                "UNKNOWN_GROUP", f"group {request.group_id!r} does not exist (check the name; a "
+                "group exists once a member has joined it)", group_id=request.group_id)
+        if record.members:
             raise ServiceError(
                 "GROUP_NOT_EMPTY",
                 f"group {request.group_id!r} has {len(record.members)} members; stop them (or "
@@ -533,6 +546,12 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
         partition = request.partition.partition
         if not request.deliveries:
             raise ServiceError("INVALID_REQUEST", "an ack names no deliveries")
+        if len(request.deliveries) > MAX_RECEIVE_MAX_RECORDS:
+            raise ServiceError("INVALID_REQUEST", f"an ack names {len(request.deliveries)} "
+                               f"deliveries, at most {MAX_RECEIVE_MAX_RECORDS}",
+                               deliveries=len(request.deliveries))
+        for delivery in request.deliveries:
+            check_delivery_ref(delivery)
         hosted = self.local_leader(topic, partition)
         if hosted is None:
             return self.forward_to_partition_leader(
@@ -548,6 +567,7 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
     def Nack(self, request, context):
         topic, record = self.check_member(request)
         partition = request.partition.partition
+        check_delivery_ref(request.delivery)
         delay_ms = request.delay_ms if request.HasField("delay_ms") else None
         if delay_ms is not None and not 0 <= delay_ms <= MAX_LEASE_MS:
             raise ServiceError("INVALID_REQUEST", f"delay_ms {delay_ms} is out of range: use 0 to "
@@ -572,6 +592,7 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
     def ExtendLease(self, request, context):
         topic, record = self.check_member(request)
         partition = request.partition.partition
+        check_delivery_ref(request.delivery)
         lease_ms = self.check_lease_ms(request.visibility_timeout_ms)
         hosted = self.local_leader(topic, partition)
         if hosted is None:
@@ -683,6 +704,14 @@ class GroupServicer(_Base, raftmq_pb2_grpc.GroupServiceServicer):
         return value
 
     def unknown_member(self, group_id: str, member_id: str) -> ServiceError:
+        record = self.node.view.groups.get(group_id)
+        if record is not None and member_id in record.fenced:
+            return ServiceError(
+                "FENCED_INSTANCE_ID",
+                f"member {member_id!r} was replaced by a newer consumer with group_instance_id "
+                f"{record.fenced[member_id]!r}; stop this consumer, or give each running "
+                "consumer its own instance id", group_id=group_id, member_id=member_id,
+                instance_id=record.fenced[member_id])
         return ServiceError(
             "UNKNOWN_MEMBER",
             f"member {member_id!r} is not in group {group_id!r} (it left, or its session timed "

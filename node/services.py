@@ -275,6 +275,17 @@ class ProducerServicer(_Base, raftmq_pb2_grpc.ProducerServiceServicer):
                     f"{record.timestamp_ms}; send 0 to let the leader stamp it",
                     index=index, timestamp_ms=record.timestamp_ms,
                 )
+            # A far-future timestamp would stop time-based retention at that
+            # record for as long as it stays in the future.
+            latest_ms = time.time_ns() // 1_000_000 + config.max_timestamp_future_ms
+            if record.timestamp_ms > latest_ms:
+                raise ServiceError(
+                    "INVALID_REQUEST", f"record {index} has timestamp_ms {record.timestamp_ms}, "
+                    f"more than max_timestamp_future_ms={config.max_timestamp_future_ms} ahead of "
+                    "the node's clock; fix the producer's clock or send 0 to let the leader stamp it",
+                    index=index, timestamp_ms=record.timestamp_ms,
+                    max_timestamp_future_ms=config.max_timestamp_future_ms,
+                )
 
     def produce_to(self, topic, partition, request, context, timeout_cap_s):
         hosted = self.local_leader(topic, partition)

@@ -45,9 +45,23 @@ REASON_CODES: dict[str, grpc.StatusCode] = {
     "NO_COMMITTED_OFFSET": grpc.StatusCode.FAILED_PRECONDITION,
     "GROUP_NOT_EMPTY": grpc.StatusCode.FAILED_PRECONDITION,
     "LEASE_EXPIRED": grpc.StatusCode.FAILED_PRECONDITION,
+    "FENCED_INSTANCE_ID": grpc.StatusCode.FAILED_PRECONDITION,
     "STALE_DELIVERY": grpc.StatusCode.FAILED_PRECONDITION,
 }
 assert set(REASON_CODES) <= set(REASONS), set(REASON_CODES) - set(REASONS)
+
+
+# The message travels twice in the response trailers (grpc-message and the
+# status details), which gRPC clients cap at 8 KiB by default, so an error
+# that echoes a huge invalid value is cut to keep its reason readable.
+MAX_MESSAGE_CHARS = 1000
+MAX_METADATA_VALUE_CHARS = 256
+
+
+def _shorten(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class ServiceError(Exception):
@@ -60,7 +74,8 @@ class ServiceError(Exception):
         self.reason = reason
         self.message = message
         self.code = code or REASON_CODES[reason]
-        self.metadata = {key: str(value) for key, value in metadata.items()}
+        self.metadata = {key: _shorten(str(value), MAX_METADATA_VALUE_CHARS)
+                         for key, value in metadata.items()}
 
     def to_status(self) -> grpc.Status:
         info = error_details_pb2.ErrorInfo(
@@ -69,6 +84,7 @@ class ServiceError(Exception):
         detail = any_pb2.Any()
         detail.Pack(info)
         status = status_pb2.Status(
-            code=getattr(code_pb2, self.code.name), message=self.message, details=[detail]
+            code=getattr(code_pb2, self.code.name),
+            message=_shorten(self.message, MAX_MESSAGE_CHARS), details=[detail],
         )
         return rpc_status.to_status(status)

@@ -29,6 +29,7 @@ arrives too late), not by a timer.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -75,9 +76,16 @@ def retry_delay_ms(policy: dict, group: str, offset: int, attempt: int) -> int:
     if backoff == "immediate":
         return 0
     delay = float(policy["initial_delay_ms"])
+    maximum = float(policy["max_delay_ms"])
     if backoff == "exponential":
-        delay *= float(policy["multiplier"]) ** (attempt - 1)
-    delay = min(delay, float(policy["max_delay_ms"]))
+        multiplier = float(policy["multiplier"])
+        # Compare exponents first: multiplier ** attempt overflows a float
+        # long before max_attempts (1000) with a large multiplier.
+        if multiplier > 1.0 and (attempt - 1) * math.log(multiplier) >= math.log(maximum / delay):
+            delay = maximum
+        else:
+            delay *= multiplier ** (attempt - 1)
+    delay = min(delay, maximum)
     jitter = float(policy["jitter"])
     if jitter:
         unit = mmh3.hash(f"{group}/{offset}/{attempt}", 0, signed=False) / 2**32
@@ -166,9 +174,12 @@ class DeliveryRules:
                 f"(owner {self.cursor['owner'] or 'nobody'!r}); claim it after a heartbeat",
                 member_id=member, owner=self.cursor["owner"],
             )
+        self._forget_deleted()
         self._expire_leases()
         previous = self.cursor["receives"].get(member)
-        if previous is not None and previous["request_id"] == doc["request_id"]:
+        # request_id 0 (the proto default) opts out of retry detection.
+        if (doc["request_id"] and previous is not None
+                and previous["request_id"] == doc["request_id"]):
             # A retry of a receive whose response was lost: the same
             # deliveries, minus any settled or re-leased since.
             repeated = []
@@ -180,7 +191,7 @@ class DeliveryRules:
             return self._finish(repeated)
         delivered = self._select(max(1, int(doc["max_records"])), member,
                                  int(doc["lease_ms"]))
-        if delivered:
+        if delivered and doc["request_id"]:
             self.cursor["receives"][member] = {
                 "request_id": doc["request_id"],
                 "deliveries": [[d.offset, d.attempt] for d in delivered],
@@ -296,6 +307,15 @@ class DeliveryRules:
             entry["due_ms"] = failed_at + max(0, int(delay))
         self.deliveries.put(offset, entry)
         return entry
+
+    def _forget_deleted(self) -> None:
+        """Settle unsettled records that retention or a size limit deleted:
+        there is nothing left to deliver."""
+        start = self.store.log_start_offset
+        for offset in [o for o in self.deliveries.entries if o < start]:
+            if self.deliveries.entries[offset]["state"] != "dead":
+                self.deliveries.delete(offset)
+        self.cursor["next"] = max(self.cursor["next"], start)
 
     def _expire_leases(self) -> None:
         for offset, entry in sorted(self.deliveries.entries.items()):

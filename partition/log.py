@@ -237,7 +237,10 @@ class PartitionStore(LmdbStore):
             if cursor is None or cursor.get("committed") is None:
                 return True, None
             previous = cursor.get("receives", {}).get(member_id)
-            if previous is not None and previous["request_id"] == request_id:
+            if request_id and previous is not None and previous["request_id"] == request_id:
+                return True, None
+            if any(offset < self._log_start_offset for offset in
+                   delivery.read_entries(txn, self.dbs[b"deliveries"], group_id)):
                 return True, None
             if cursor.get("next", cursor["committed"]) < self._next_offset:
                 return True, None

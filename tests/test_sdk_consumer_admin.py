@@ -515,7 +515,7 @@ def test_cli_topic_commands(shared_cluster):
     lines = describe_out.splitlines()
     assert lines[0].startswith("topic cli-topics: 2 partitions, replication factor 3, ")
     assert lines[1] == ("backlog limits: max backlog messages none, max backlog bytes none, "
-                        "overflow policy reject")
+                        "overflow policy reject, retention forever")
     assert lines[2].split() == [
         "PARTITION", "LEADER", "REPLICAS", "IN-SYNC", "HIGH", "WATERMARK", "TERM",
         "LOG", "START", "BACKLOG", "BACKLOG", "BYTES", "DROPPED", "REJECTED",
