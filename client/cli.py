@@ -21,6 +21,7 @@ from raftmq.partition.codec import OVERFLOW_POLICIES, OVERFLOW_REJECT
 
 from . import dlq
 from .admin import Admin, TopicDescription
+from .chaos_cli import add_chaos_command
 from .consumer import Consumer
 from .errors import RaftMQError
 from .producer import Producer
@@ -69,6 +70,7 @@ def build_parser(server_commands: ServerCommands | None = None) -> argparse.Argu
     _add_consume_command(commands)
     _add_group_commands(commands)
     _add_dlq_commands(commands)
+    add_chaos_command(commands)
     cluster = commands.add_parser("cluster", help="inspect the cluster")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
     status = cluster_commands.add_parser(
@@ -205,7 +207,8 @@ def _add_consume_command(commands: argparse._SubParsersAction) -> None:
     start.add_argument(
         "--from-beginning",
         action="store_true",
-        help="start at the oldest stored record (default: only records produced from now on)",
+        help="start at the oldest stored record (default: only records produced from now on); "
+        "with --group, this sets the reset policy of a group that does not exist yet",
     )
     start.add_argument(
         "--offset", type=_non_negative_int, metavar="N", help="start at offset N of every partition"
@@ -486,7 +489,7 @@ def _group_describe(args: argparse.Namespace) -> int:
     print(
         f"group {group.group_id}: {group.state}, generation {group.generation}, "
         f"{len(group.members)} members, strategy {group.assignment_strategy}, "
-        f"auto_offset_reset {group.auto_offset_reset}"
+        f"auto_offset_reset {group.auto_offset_reset}, delivery mode {group.delivery_mode}"
     )
     if group.members:
         rows = [
@@ -498,14 +501,20 @@ def _group_describe(args: argparse.Namespace) -> int:
         print(format_table(["MEMBER", "INSTANCE", "TOPICS", "PARTITIONS", "GIVING UP"], rows))
     if group.partitions:
         print()
-        rows = [
-            [p.topic, str(p.partition), p.member_id or "-",
-             "-" if p.committed_offset is None else str(p.committed_offset),
-             str(p.high_watermark), "-" if p.lag is None else str(p.lag)]
-            for p in group.partitions
-        ]
-        print(format_table(["TOPIC", "PARTITION", "OWNER", "COMMITTED", "HIGH WATERMARK", "LAG"],
-                           rows))
+        acks = group.delivery_mode == "acks"
+        headers = ["TOPIC", "PARTITION", "OWNER", "COMMITTED", "HIGH WATERMARK", "LAG"]
+        if acks:
+            headers += ["IN FLIGHT", "WAITING RETRY", "DLQ PENDING", "DEAD-LETTERED"]
+        rows = []
+        for p in group.partitions:
+            row = [p.topic, str(p.partition), p.member_id or "-",
+                   "-" if p.committed_offset is None else str(p.committed_offset),
+                   str(p.high_watermark), "-" if p.lag is None else str(p.lag)]
+            if acks:
+                row += [str(p.in_flight), str(p.waiting_retry), str(p.dead_letter_pending),
+                        str(p.dead_lettered)]
+            rows.append(row)
+        print(format_table(headers, rows))
     return 0
 
 

@@ -44,6 +44,7 @@ def test_every_leaf_command_sets_func():
         ("dlq", "show"),
         ("dlq", "redrive"),
         ("dlq", "requeue"),
+        ("chaos",),
     }
     for path, parser in leaves.items():
         assert callable(parser.get_default("func")), path
