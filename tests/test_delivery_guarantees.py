@@ -19,49 +19,73 @@ pytestmark = pytest.mark.cluster
 
 
 class ResponseDroppingProxy:
-    """A TCP proxy that forwards a client's bytes to `target` but closes the
-    client connection, without forwarding the server's reply, once the
-    client has sent `trigger_bytes`. The server still handles the request."""
+    """A TCP proxy in front of `target` that swallows the reply to a request.
 
-    def __init__(self, target: tuple[str, int], trigger_bytes: int):
+    It relays every connection both ways until a client has sent
+    `trigger_bytes` in total. From then on it forwards that client's bytes
+    but none of the server's, and after `hold_s` it closes the connection
+    and stops listening. The server handles the request; the client never
+    sees the reply.
+    """
+
+    def __init__(self, target: tuple[str, int], trigger_bytes: int, hold_s: float = 2.0):
         self.target = target
         self.trigger_bytes = trigger_bytes
+        self.hold_s = hold_s
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(8)
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.dropped = threading.Event()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        client, _ = self.listener.accept()
+        while not self.dropped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
         server = socket.create_connection(self.target)
-        sent = 0
-        dropping = False
+        swallowing = threading.Event()
 
         def server_to_client() -> None:
-            while True:
-                data = server.recv(65536)
-                if not data or dropping:
-                    return
-                client.sendall(data)
+            try:
+                while True:
+                    data = server.recv(65536)
+                    if not data:
+                        return
+                    if not swallowing.is_set():
+                        client.sendall(data)
+            except OSError:
+                return
 
         threading.Thread(target=server_to_client, daemon=True).start()
-        while True:
-            data = client.recv(65536)
-            if not data:
-                break
-            server.sendall(data)
-            sent += len(data)
-            if sent >= self.trigger_bytes:
-                dropping = True
-                # Give the server time to commit and answer into the void.
-                time.sleep(1.0)
-                client.close()
-                self.dropped.set()
-                break
+        sent = 0
+        deadline = None
+        client.settimeout(0.1)
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                try:
+                    data = client.recv(65536)
+                except socket.timeout:
+                    continue
+                if not data:
+                    break
+                server.sendall(data)
+                sent += len(data)
+                if deadline is None and sent >= self.trigger_bytes:
+                    swallowing.set()
+                    deadline = time.monotonic() + self.hold_s
+        except OSError:
+            pass
+        if deadline is not None:
+            self.dropped.set()
+            self.listener.close()
+        client.close()
         time.sleep(0.5)
         server.close()
 
