@@ -100,6 +100,10 @@ def _entry_key(group: str, offset: int) -> bytes:
 class GroupDeliveries:
     """The entries of one group in one partition, loaded for one command."""
 
+    # NOTE: every receive, ack and nack loads and decodes all unsettled
+    # entries of the group, so a partition with thousands of held-back
+    # records (key ordering, few keys, large max_records) is settled slowly.
+
     def __init__(self, txn: lmdb.Transaction, db, group: str):
         self.txn = txn
         self.db = db
