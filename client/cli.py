@@ -519,7 +519,12 @@ def _group_describe(args: argparse.Namespace) -> int:
 
 
 def _group_reset(args: argparse.Namespace) -> int:
-    to = "earliest" if args.to_earliest else "latest" if args.to_latest else args.to_offset
+    if args.to_earliest:
+        to = "earliest"
+    elif args.to_latest:
+        to = "latest"
+    else:
+        to = args.to_offset
     with _admin(args) as admin:
         offsets = admin.reset_offsets(args.group, args.topic, to, partitions=args.partition)
     for partition, offset in sorted(offsets.items()):
@@ -681,6 +686,13 @@ def _split_line(
     return key, value, None
 
 
+def _consume_reset(args: argparse.Namespace) -> str | None:
+    """Pick auto_offset_reset: a group keeps its own unless --from-beginning is given."""
+    if args.from_beginning:
+        return "earliest"
+    return None if args.group else "latest"
+
+
 def _consume(args: argparse.Namespace) -> int:
     if args.group and (args.partition or args.offset is not None):
         print("error: --group cannot be combined with --partition or --offset; the group "
@@ -690,7 +702,7 @@ def _consume(args: argparse.Namespace) -> int:
         args.bootstrap_servers,
         request_timeout_ms=args.request_timeout_ms,
         ssl_cafile=args.ssl_cafile,
-        auto_offset_reset=("earliest" if args.from_beginning else None if args.group else "latest"),
+        auto_offset_reset=_consume_reset(args),
         group_id=args.group,
     )
     printed = 0

@@ -431,13 +431,7 @@ class Consumer:
             delay_s = backoff_delay_s(failures, _RETRY_BACKOFF_MS, _RETRY_BACKOFF_MAX_MS)
             if time.monotonic() + delay_s >= deadline:
                 raise error
-            if isinstance(error, NotLeaderError) and error.leader_address:
-                self._metadata.set_leader_hint(tp.topic, tp.partition, error.leader_address)
-            else:
-                try:
-                    self._metadata.refresh(min_interval_ms=_RETRY_BACKOFF_MS)
-                except RaftMQError:
-                    pass
+            self._learn_leader(tp, error)
             time.sleep(delay_s)
 
     def _group_step(self) -> None:
@@ -475,7 +469,7 @@ class Consumer:
             except RaftMQError as error:
                 if error.reason in _FENCED_REASONS:
                     # The assignment moved on; the next heartbeat brings the new one.
-                    logger.info("group %s: claim of %s refused (%s); waiting for the new "
+                    logger.info("group %s: claim of %s rejected (%s); waiting for the new "
                                 "assignment", group.group_id, tp, error.reason)
                     group.refresh()
                     continue
@@ -827,15 +821,19 @@ class Consumer:
             raise error
         self._schedule_retry(tp, state, error)
 
-    def _schedule_retry(self, tp: TopicPartition, state: _PartitionState, error: RaftMQError) -> None:
-        state.failures += 1
+    def _learn_leader(self, tp: TopicPartition, error: RaftMQError) -> None:
+        """Take the leader named by a NOT_LEADER error, or else refresh the metadata."""
         if isinstance(error, NotLeaderError) and error.leader_address:
             self._metadata.set_leader_hint(tp.topic, tp.partition, error.leader_address)
-        else:
-            try:
-                self._metadata.refresh(min_interval_ms=_RETRY_BACKOFF_MS)
-            except RaftMQError as refresh_error:
-                logger.debug("metadata refresh failed: %s", refresh_error)
+            return
+        try:
+            self._metadata.refresh(min_interval_ms=_RETRY_BACKOFF_MS)
+        except RaftMQError as refresh_error:
+            logger.debug("metadata refresh failed: %s", refresh_error)
+
+    def _schedule_retry(self, tp: TopicPartition, state: _PartitionState, error: RaftMQError) -> None:
+        state.failures += 1
+        self._learn_leader(tp, error)
         delay_s = backoff_delay_s(state.failures, _RETRY_BACKOFF_MS, _RETRY_BACKOFF_MAX_MS)
         state.retry_at_monotonic = time.monotonic() + delay_s
         logger.warning(
@@ -914,13 +912,7 @@ class Consumer:
                 delay_s = backoff_delay_s(failures, _RETRY_BACKOFF_MS, _RETRY_BACKOFF_MAX_MS)
                 if time.monotonic() + delay_s >= deadline:
                     raise
-                if isinstance(error, NotLeaderError) and error.leader_address:
-                    self._metadata.set_leader_hint(tp.topic, tp.partition, error.leader_address)
-                else:
-                    try:
-                        self._metadata.refresh(min_interval_ms=_RETRY_BACKOFF_MS)
-                    except RaftMQError:
-                        pass
+                self._learn_leader(tp, error)
                 time.sleep(delay_s)
 
     def _offset_range_once(self, tp: TopicPartition) -> tuple[int, int]:

@@ -2,8 +2,8 @@
 
 A background thread sends heartbeats at the interval the coordinator
 returns, whatever the application does between polls, so a slow handler does
-not cost the member its partitions. Each heartbeat answer carries the
-member's assignment; the consumer applies it on its own thread in poll().
+not cost the member its partitions. Each heartbeat response carries the
+member's assignment, and the consumer applies it on its own thread in poll().
 
 A separate limit, max_poll_interval_ms, catches a stuck application: when
 poll() has not been called for that long, the thread leaves the group so

@@ -68,7 +68,7 @@ class RetryPolicy:
     initial_delay_ms * multiplier ** (attempt - 1) for "exponential",
     capped at max_delay_ms and spread by +/- jitter (a fraction). After
     max_attempts deliveries the record goes to the dead-letter topic
-    (dead_letter_topic, or "<topic>.dlq"). ordering says which later
+    (dead_letter_topic, or "<topic>.dlq"). ordering chooses which later
     records wait while one waits for its retry: "key", "partition" or "none".
     """
 

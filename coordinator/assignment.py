@@ -3,8 +3,8 @@
 Each strategy is a pure function of the group's members, their
 subscriptions, the partitions of the subscribed topics and (for sticky) the
 current owners. The coordinator runs them inside the metadata group's apply,
-so they must give the same answer on every replica: they iterate in sorted
-order and never consult the clock or a random source.
+so they must return the same result on every replica. They iterate in
+sorted order and never consult the clock or a random source.
 
 A partition is only ever given to a member that subscribes to its topic.
 """

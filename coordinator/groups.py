@@ -248,7 +248,7 @@ def _rebalance(doc: dict, partition_counts: dict[str, int], now_ms: int) -> None
     members = doc["members"]
     owners: dict[str, str] = doc["owners"]
     pending: dict[str, dict] = doc["pending"]
-    # The strategy sees where each partition is going, so an unfinished
+    # The strategy gets where each partition is going, so an unfinished
     # hand-over is not undone by the next rebalance.
     intended = {}
     for key, owner in owners.items():

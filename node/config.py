@@ -147,8 +147,8 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-session-timeout-ms", type=int,
                         help="default session timeout of consumer group members, in ms")
     parser.add_argument("--group-rebalance-timeout-ms", type=int,
-                        help="default time a member may keep a partition it was told to "
-                             "give up, in ms")
+                        help="default time a member may keep a partition it must give "
+                             "up, in ms")
     parser.add_argument("--dead-letter-retention-ms", type=int,
                         help="retention of dead-letter topics created on demand, in ms "
                              "(0 keeps dead letters forever)")

@@ -336,8 +336,8 @@ class DeliveryRules:
             first_of_key.setdefault(holding[offset].get("key") or f"#{offset}", offset)
         earliest = min(holding) if holding else None
 
-        # Unsettled records that may go out again: due retries and records
-        # that were held back, when nothing earlier holds them back now.
+        # Unsettled records that may go out again: due retries, and records
+        # that were held back once no earlier record blocks them.
         chosen: list[int] = []
         for offset in sorted(holding):
             if len(chosen) >= limit:

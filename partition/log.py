@@ -211,7 +211,7 @@ class PartitionStore(LmdbStore):
     # --- consumer group cursors ------------------------------------------
 
     def cursor(self, group_id: str) -> dict | None:
-        """The group's cursor: committed (offset or None), metadata, owner, generation."""
+        """Return the group's cursor: committed (offset or None), metadata, owner, generation."""
 
         def read(txn: lmdb.Transaction) -> dict | None:
             raw = txn.get(group_id.encode(), db=self.dbs[b"cursors"])
